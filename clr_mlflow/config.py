@@ -1,0 +1,144 @@
+"""Every user-facing parameter, declared once: its type, default, help and which commands take
+it. The CLI's options, the MLflow params and the MLproject entry points all come from here,
+and `validate` checks values before anything touches a model or the tracking store.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+from .bounds import RULES
+from .curve import SWEEPS
+from .models import MODELS
+from .schedules import POLICIES
+
+OPTIMIZERS = ("sgd", "adamw")
+DEVICES = ("auto", "cpu", "cuda")
+
+RANGE, TRAIN = "range_test", "train"  # the two phases a parameter can belong to
+
+
+class ConfigError(ValueError):
+    """A parameter value that cannot be used; the message names the parameter."""
+
+
+def _p(default, help: str, phases=(RANGE, TRAIN)):
+    return field(default=default, metadata={"help": help, "phases": phases})
+
+
+@dataclass(frozen=True)
+class Config:
+    # data
+    data: str = _p("cifar10", "'cifar10' (torchvision download into data_dir) or a folder with train/ and test/ in ImageFolder layout")
+    data_dir: str = _p("data", "where torchvision downloads CIFAR-10 and decoded images are cached")
+    limit_train: int = _p(0, "use a seeded, class-balanced subset of this many training images (0 = all)")
+    limit_test: int = _p(0, "use a seeded, class-balanced subset of this many test images (0 = all)")
+    image_size: int = _p(32, "images are resized to image_size x image_size when they differ")
+    augment: bool = _p(True, "random crop (padding 4) and horizontal flip of training batches")
+    # model and optimizer
+    model: str = _p("small_cnn", f"one of {', '.join(MODELS)}")
+    batch_size: int = _p(128, "images per optimizer step")
+    optimizer: str = _p("sgd", f"one of {', '.join(OPTIMIZERS)}")
+    momentum: float = _p(0.9, "SGD momentum, or AdamW beta1")
+    nesterov: bool = _p(True, "Nesterov momentum (SGD only)")
+    weight_decay: float = _p(5e-4, "weight decay (decoupled for AdamW)")
+    seed: int = _p(0, "seed for weights, data order, augmentation and subsets")
+    device: str = _p("auto", "auto (CUDA when available), cpu or cuda")
+    experiment: str = _p("clr_mlflow", "MLflow experiment of the run (ignored inside `mlflow run`, which made the run)")
+    run_name: str = _p("", "MLflow run name (empty: MLflow picks one)")
+    # range test
+    lr_start: float = _p(1e-5, "first lr of the range test", (RANGE,))
+    lr_end: float = _p(10.0, "last lr of the range test", (RANGE,))
+    num_iters: int = _p(0, "range-test iterations (0 = one epoch of the training set)", (RANGE,))
+    sweep: str = _p("exp", f"lr spacing of the range test: {' or '.join(SWEEPS)}", (RANGE,))
+    beta: float = _p(0.98, "EMA factor of the smoothed loss")
+    diverge: float = _p(4.0, "stop the range test when smoothed loss > diverge x best smoothed loss", (RANGE,))
+    eval_every: int = _p(0, "held-out accuracy and loss every this many range-test iterations (0 = off)", (RANGE,))
+    bounds_rule: str = _p("steepest", f"rule whose bounds are chosen: {', '.join(RULES)}", (RANGE,))
+    bounds_divisor: float = _p(4.0, "base_lr = max_lr / bounds_divisor for the loss rules", (RANGE,))
+    # training
+    policy: str = _p("triangular", f"lr policy: {', '.join(POLICIES)}", (TRAIN,))
+    base_lr: float = _p(0.0, "lower lr bound (0 = from the range test or bounds_from)", (TRAIN,))
+    max_lr: float = _p(0.0, "upper lr bound (0 = from the range test or bounds_from)", (TRAIN,))
+    bounds_from: str = _p("", "run id of an earlier range test whose chosen bounds to train with", (TRAIN,))
+    step_size: int = _p(0, "half-cycle length in iterations (0 = step_epochs epochs)", (TRAIN,))
+    step_epochs: float = _p(4.0, "half-cycle length in epochs, used when step_size is 0", (TRAIN,))
+    cycles: int = _p(2, "training length in whole cycles (2 x step_size iterations each)", (TRAIN,))
+    epochs: int = _p(0, "training length in epochs; when > 0 it wins over cycles", (TRAIN,))
+    gamma: float = _p(0.99994, "exp_range decay: amplitude x gamma**iteration", (TRAIN,))
+    cycle_momentum: bool = _p(False, "cycle momentum (AdamW: beta1) opposite to the lr", (TRAIN,))
+    base_momentum: float = _p(0.85, "momentum at max_lr when cycle_momentum", (TRAIN,))
+    max_momentum: float = _p(0.95, "momentum at base_lr when cycle_momentum", (TRAIN,))
+    anneal_frac: float = _p(0.1, "one_cycle: share of training spent annealing below base_lr", (TRAIN,))
+    anneal_div: float = _p(100.0, "one_cycle: final lr = base_lr / anneal_div", (TRAIN,))
+    save_model: bool = _p(True, "log the final weights as train/model.pt", (TRAIN,))
+
+    @classmethod
+    def names(cls, phases: tuple[str, ...]) -> list[str]:
+        """Parameters of a command that runs these phases, in declaration order."""
+        return [f.name for f in fields(cls) if set(f.metadata["phases"]) & set(phases)]
+
+    def params(self, phases: tuple[str, ...]) -> dict:
+        return {n: getattr(self, n) for n in self.names(phases)}
+
+
+def _need(ok: bool, name: str, expected: str, value) -> None:
+    if not ok:
+        raise ConfigError(f"Expected {expected} {name}, but got {value!r}")
+
+
+def _choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ConfigError(f"Expected {name} to be one of {', '.join(choices)}, but got {value!r}")
+
+
+def validate(cfg: Config, phases: tuple[str, ...], require_bounds: bool = False) -> None:
+    """Raise ConfigError naming the first bad parameter of a command running `phases`."""
+    _choice("model", cfg.model, tuple(MODELS))
+    _choice("optimizer", cfg.optimizer, OPTIMIZERS)
+    _choice("device", cfg.device, DEVICES)
+    _need(cfg.batch_size >= 1, "batch_size", "positive integer", cfg.batch_size)
+    _need(cfg.limit_train >= 0, "limit_train", "non-negative integer", cfg.limit_train)
+    _need(cfg.limit_test >= 0, "limit_test", "non-negative integer", cfg.limit_test)
+    _need(cfg.image_size >= 8, "image_size", "integer >= 8 for", cfg.image_size)
+    _need(0 <= cfg.momentum < 1, "momentum", "value in [0, 1) for", cfg.momentum)
+    _need(cfg.weight_decay >= 0, "weight_decay", "non-negative", cfg.weight_decay)
+    _need(cfg.seed >= 0, "seed", "non-negative integer", cfg.seed)
+    _need(0 <= cfg.beta < 1, "beta", "value in [0, 1) for", cfg.beta)
+    if cfg.device == "cuda":
+        import torch
+
+        _need(torch.cuda.is_available(), "device", "an available device for", cfg.device)
+    if RANGE in phases:
+        _choice("sweep", cfg.sweep, SWEEPS)
+        _choice("bounds_rule", cfg.bounds_rule, RULES)
+        _need(cfg.lr_start > 0, "lr_start", "positive", cfg.lr_start)
+        _need(cfg.lr_end > cfg.lr_start, "lr_end", f"value > lr_start={cfg.lr_start} for", cfg.lr_end)
+        _need(cfg.num_iters == 0 or cfg.num_iters >= 2, "num_iters", "0 (one epoch) or an integer >= 2 for", cfg.num_iters)
+        _need(cfg.diverge > 1, "diverge", "value > 1 for", cfg.diverge)
+        _need(cfg.eval_every >= 0, "eval_every", "non-negative integer", cfg.eval_every)
+        _need(cfg.bounds_divisor > 1, "bounds_divisor", "value > 1 for", cfg.bounds_divisor)
+        if cfg.bounds_rule == "accuracy" and cfg.eval_every == 0:
+            raise ConfigError("Expected eval_every > 0 with bounds_rule=accuracy, but got eval_every=0")
+    if TRAIN in phases:
+        _choice("policy", cfg.policy, POLICIES)
+        _need(cfg.base_lr >= 0, "base_lr", "positive (or 0 for a range test)", cfg.base_lr)
+        _need(cfg.max_lr >= 0, "max_lr", "positive (or 0 for a range test)", cfg.max_lr)
+        given = cfg.base_lr > 0 or cfg.max_lr > 0
+        if given:
+            _need(cfg.base_lr > 0, "base_lr", "positive (max_lr was given)", cfg.base_lr)
+            _need(cfg.max_lr > cfg.base_lr, "max_lr", f"value > base_lr={cfg.base_lr} for", cfg.max_lr)
+            if cfg.bounds_from:
+                raise ConfigError("Expected either base_lr/max_lr or bounds_from, but got both")
+        elif require_bounds and not cfg.bounds_from:
+            raise ConfigError("Expected base_lr and max_lr (or bounds_from), but got neither")
+        _need(cfg.step_size >= 0, "step_size", "non-negative integer", cfg.step_size)
+        _need(cfg.step_epochs > 0, "step_epochs", "positive", cfg.step_epochs)
+        _need(cfg.cycles >= 0, "cycles", "non-negative integer", cfg.cycles)
+        _need(cfg.epochs >= 0, "epochs", "non-negative integer", cfg.epochs)
+        if cfg.cycles == 0 and cfg.epochs == 0:
+            raise ConfigError("Expected positive cycles or epochs, but got cycles=0 and epochs=0")
+        _need(0 < cfg.gamma <= 1, "gamma", "value in (0, 1] for", cfg.gamma)
+        _need(0 <= cfg.base_momentum < cfg.max_momentum < 1, "base_momentum/max_momentum",
+              "0 <= base < max < 1 for", (cfg.base_momentum, cfg.max_momentum))
+        _need(0 <= cfg.anneal_frac < 1, "anneal_frac", "value in [0, 1) for", cfg.anneal_frac)
+        _need(cfg.anneal_div >= 1, "anneal_div", "value >= 1 for", cfg.anneal_div)

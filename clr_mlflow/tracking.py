@@ -1,0 +1,159 @@
+"""The only module that talks to MLflow: the run, params, the batched metric buffer, artifacts."""
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import matplotlib.figure
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow import MlflowClient
+from mlflow.entities import Metric
+
+BOUNDS_TABLE = "range_test/bounds.json"
+
+
+class MetricBuffer:
+    """Collects per-iteration values and sends them with batched, asynchronous `log_batch`
+    calls of `flush_every` values. A context manager: leaving it, normally or by an
+    exception (Ctrl-C included), sends the rest and waits until MLflow has stored it all."""
+
+    def __init__(self, run_id: str, flush_every: int = 3000, client: MlflowClient | None = None):
+        self.run_id = run_id
+        self.flush_every = flush_every
+        self.client = client or MlflowClient()
+        self.pending: list[Metric] = []
+        self.in_flight = []
+        self.calls = 0
+
+    def series(self, steps, values: dict) -> None:
+        ts = int(time.time() * 1000)
+        steps = np.asarray(steps).tolist()
+        for key, vals in values.items():
+            self.pending.extend(Metric(key, v, ts, s) for s, v in zip(steps, np.asarray(vals, dtype=float).tolist()))
+        if len(self.pending) >= self.flush_every:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            self.in_flight.append(self.client.log_batch(self.run_id, metrics=self.pending, synchronous=False))
+            self.calls += 1
+            self.pending = []
+
+    def close(self) -> None:
+        self.flush()
+        in_flight, self.in_flight = self.in_flight, []
+        for op in in_flight:
+            op.wait()
+
+    def __enter__(self) -> "MetricBuffer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+@contextlib.contextmanager
+def active_run(experiment: str, run_name: str = "", tags: dict | None = None):
+    """The run to log into: the one `mlflow run` made (MLFLOW_RUN_ID), else a new one in
+    `experiment`. MLflow marks it FAILED if the body raises."""
+    if not os.environ.get("MLFLOW_RUN_ID"):
+        mlflow.set_experiment(experiment)
+    with mlflow.start_run(run_name=run_name or None, tags=tags) as run:
+        yield run
+
+
+def git_commit() -> str:
+    """Commit of the clr_mlflow source tree, when it is a git checkout ('' otherwise)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=Path(__file__).parent,
+                               capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return (out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")) if out.returncode == 0 else ""
+
+
+def provenance_tags(device: str) -> dict[str, str]:
+    import torch
+
+    from . import __version__
+
+    return {
+        "clr_mlflow.version": __version__,
+        "clr_mlflow.git_commit": git_commit(),
+        "clr_mlflow.python": platform.python_version(),
+        "clr_mlflow.torch": torch.__version__,
+        "clr_mlflow.mlflow": mlflow.__version__,
+        "clr_mlflow.device": device,
+    }
+
+
+def log_params(params: dict) -> None:
+    """Log params not yet in the run. `mlflow run` has already logged its entry point's
+    parameters as the user typed them ("10" where we would write "10.0"); those stay."""
+    run = mlflow.active_run()
+    present = MlflowClient().get_run(run.info.run_id).data.params
+    mlflow.log_params({k: v for k, v in params.items() if k not in present})
+
+
+def log_metrics(values: dict[str, float]) -> None:
+    mlflow.log_metrics(values)
+
+
+def set_tags(tags: dict[str, str]) -> None:
+    mlflow.set_tags(tags)
+
+
+def log_figure(fig: matplotlib.figure.Figure, path: str) -> None:
+    import matplotlib.pyplot as plt
+
+    mlflow.log_figure(fig, path)
+    plt.close(fig)
+
+
+def log_frame_csv(df: pd.DataFrame, path: str) -> None:
+    mlflow.log_text(df.to_csv(index=False), path)
+
+
+def log_bounds_table(table: pd.DataFrame) -> None:
+    mlflow.log_table(table, artifact_file=BOUNDS_TABLE)
+
+
+def chosen_bounds(run_id: str) -> tuple[float, float, str]:
+    """(base_lr, max_lr, rule) chosen by an earlier run's range test. Raises ValueError
+    with a one-line reason when the run or its table does not exist or has no choice."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        MlflowClient().get_run(run_id)
+    except MlflowException:
+        raise ValueError(f"Expected bounds_from to name an existing run, but got {run_id!r}") from None
+    try:
+        table = mlflow.load_table(BOUNDS_TABLE, run_ids=[run_id])
+    except MlflowException:
+        table = pd.DataFrame()
+    if table.empty:
+        raise ValueError(f"Expected bounds_from run {run_id} to have a {BOUNDS_TABLE} table, but it has none")
+    row = table[table["selected"].astype(bool)]
+    if row.empty or not np.isfinite(row["max_lr"].iloc[0]):
+        raise ValueError(f"Expected bounds_from run {run_id} to have chosen bounds, but its chosen rule gave none")
+    return float(row["base_lr"].iloc[0]), float(row["max_lr"].iloc[0]), str(row["rule"].iloc[0])
+
+
+def log_state_dict(state_dict: dict, path: str) -> None:
+    """Save a plain state_dict with torch.save and log it at `path` (a folder/file.pt)."""
+    import tempfile
+
+    import torch
+
+    folder, name = path.rsplit("/", 1)
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.save({k: v.cpu() for k, v in state_dict.items()}, Path(tmp) / name)
+        mlflow.log_artifact(str(Path(tmp) / name), artifact_path=folder)
