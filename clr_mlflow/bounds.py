@@ -14,6 +14,7 @@ MIN_POINTS = 10       # fewer finite losses than this cannot show a descent
 FLAT_TOL = 0.01       # a curve whose smoothed loss never falls 1% below an earlier value is flat
 MIN_ACC_RISE = 0.02   # accuracy must rise by 2 points before the accuracy rule answers
 RISE_FRAC = 0.10      # "starts to rise" / "turns ragged" = 10% of the total rise
+SKIP_START = 10       # the steepest rule ignores the first points, where the EMA settles
 
 
 @dataclass(frozen=True)
@@ -58,16 +59,23 @@ def loss_edge(lrs, smoothed, divisor: float = 4.0) -> Suggestion:
 
 
 def steepest(lrs, smoothed, divisor: float = 4.0) -> Suggestion:
-    """fastai's steepest descent: max_lr = the lr where d(smoothed loss)/d(log10 lr) is most
-    negative, looking only up to the minimum; base_lr = max_lr / divisor."""
+    """fastai's steepest descent: max_lr = the lr where the slope of the smoothed loss vs
+    log10(lr) is most negative, looking only between the first SKIP_START points (where
+    the EMA still settles) and the minimum. The slope at i is a central difference over
+    +-k points, k = n/50 (at least 1), so single noisy steps do not win; base_lr =
+    max_lr / divisor."""
     lrs, smoothed = _finite_prefix(lrs, smoothed)
     if problem := _loss_problem(lrs, smoothed):
         return Suggestion("steepest", note=problem)
-    end = int(np.argmin(smoothed)) + 1
-    if end < 3:
+    end = int(np.argmin(smoothed))
+    k = max(1, len(smoothed) // 50)
+    first = min(SKIP_START, end // 2)
+    centres = np.arange(max(first, k), end - k + 1)
+    if len(centres) == 0:
         return Suggestion("steepest", note="the minimum is at the very start of the curve")
-    slope = np.gradient(smoothed[:end], np.log10(lrs[:end]))
-    max_lr = float(lrs[np.argmin(slope)])
+    x = np.log10(lrs)
+    slope = (smoothed[centres + k] - smoothed[centres - k]) / (x[centres + k] - x[centres - k])
+    max_lr = float(lrs[centres[np.argmin(slope)]])
     return Suggestion("steepest", max_lr / divisor, max_lr)
 
 
@@ -110,14 +118,14 @@ def accuracy(eval_lrs, accuracies) -> Suggestion:
     return Suggestion("accuracy", float(lrs[start]), float(lrs[best]))
 
 
-RULES = ("steepest", "loss_edge", "min_div10", "accuracy")
+RULES = ("min_div10", "steepest", "loss_edge", "accuracy")
 
 
 def suggest_bounds(lrs, smoothed, eval_lrs=(), accuracies=(), divisor: float = 4.0) -> list[Suggestion]:
     return [
+        min_div10(lrs, smoothed, divisor),
         steepest(lrs, smoothed, divisor),
         loss_edge(lrs, smoothed, divisor),
-        min_div10(lrs, smoothed, divisor),
         accuracy(eval_lrs, accuracies),
     ]
 

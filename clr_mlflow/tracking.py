@@ -131,12 +131,13 @@ def chosen_bounds(run_id: str) -> tuple[float, float, str]:
     with a one-line reason when the run or its table does not exist or has no choice."""
     from mlflow.exceptions import MlflowException
 
+    client = MlflowClient()
     try:
-        MlflowClient().get_run(run_id)
+        run = client.get_run(run_id)
     except MlflowException:
         raise ValueError(f"Expected bounds_from to name an existing run, but got {run_id!r}") from None
     try:
-        table = mlflow.load_table(BOUNDS_TABLE, run_ids=[run_id])
+        table = client.load_table(run.info.experiment_id, BOUNDS_TABLE, run_ids=[run_id])
     except MlflowException:
         table = pd.DataFrame()
     if table.empty:

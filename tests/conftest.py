@@ -1,0 +1,76 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+CIFAR = Path(os.environ.get("CLR_MLFLOW_CIFAR", REPO.parent / "shared" / "data" / "cifar10"))
+
+
+def use_store(mp: pytest.MonkeyPatch, folder: Path) -> str:
+    """Point MLflow, in this process and its children, at a new SQLite store in `folder`,
+    forgetting any experiment an earlier test made active."""
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    mp.setenv("MLFLOW_TRACKING_URI", uri)
+    for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+        mp.delenv(var, raising=False)
+    mp.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
+    mp.chdir(folder)  # artifacts land in folder/mlruns
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+@pytest.fixture
+def tracking(tmp_path, monkeypatch):
+    """A real, empty SQLite tracking store for one test; yields its URI."""
+    yield use_store(monkeypatch, tmp_path)
+    while mlflow.active_run():
+        mlflow.end_run()
+    mlflow.set_tracking_uri(None)
+
+
+@pytest.fixture(scope="session")
+def cifar() -> Path:
+    """Real CIFAR-10 images in ImageFolder layout: the shared offline copy when it is there,
+    else a 4,000 + 1,000 image export of torchvision's download (a fresh online machine)."""
+    if (CIFAR / "train").is_dir():
+        return CIFAR
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "clr_mlflow_tests"
+    folder = cache / "cifar10_folder"
+    if not (folder / "done").exists():
+        from torchvision.datasets import CIFAR10
+
+        for split, train, per_class in (("train", True, 400), ("test", False, 100)):
+            ds = CIFAR10(root=str(cache), train=train, download=True)
+            seen = np.zeros(10, dtype=int)
+            for img, label in zip(ds.data, ds.targets):
+                if seen[label] < per_class:
+                    out = folder / split / ds.classes[label]
+                    out.mkdir(parents=True, exist_ok=True)
+                    Image.fromarray(img).save(out / f"{seen[label]:04d}.png")
+                    seen[label] += 1
+        (folder / "done").touch()
+    return folder
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    """One decode cache for the whole session, so each subset is decoded once."""
+    return tmp_path_factory.mktemp("data")
+
+
+def make_image_folder(root: Path, classes=("a", "b", "c"), per_class=(6, 3), size=12, seed=0) -> Path:
+    """A small ImageFolder tree of random PNGs: per_class = (train, test) images per class."""
+    rng = np.random.default_rng(seed)
+    for split, n in zip(("train", "test"), per_class):
+        for c in classes:
+            (root / split / c).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                arr = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+                Image.fromarray(arr).save(root / split / c / f"{i:03d}.png")
+    return root

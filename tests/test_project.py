@@ -1,0 +1,114 @@
+"""The project as a user runs it: MLproject entry points, `mlflow run`, the CLI's errors."""
+import os
+import subprocess
+import sys
+import typing
+from dataclasses import fields
+
+import mlflow
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from clr_mlflow.cli import PHASES, option_name
+from clr_mlflow.config import Config
+from tests.conftest import REPO
+
+ENTRY_POINTS = {"main": "run", "range_test": "range-test", "train": "train"}
+
+
+def mlproject():
+    return yaml.safe_load((REPO / "MLproject").read_text())
+
+
+@pytest.mark.parametrize("entry,command", ENTRY_POINTS.items())
+def test_every_declared_parameter_reaches_the_command_and_matches_the_cli(entry, command):
+    ep = mlproject()["entry_points"][entry]
+    names = Config.names(PHASES[command])
+    assert list(ep["parameters"]) == names
+    assert ep["command"].startswith(f"clr-mlflow {command} ")
+    for name in names:
+        assert f"{option_name(name)} {{{name}}}" in ep["command"], name
+    hints = typing.get_type_hints(Config)
+    defaults = {f.name: f.default for f in fields(Config)}
+    for name, spec in ep["parameters"].items():
+        assert spec["type"] == ("float" if hints[name] in (int, float) else "string"), name
+        assert str(spec["default"]).lower() == str(defaults[name]).lower() or float(spec["default"]) == defaults[name]
+
+
+def test_conda_env_lists_the_package_dependencies():
+    conda = yaml.safe_load((REPO / "conda.yaml").read_text())
+    pip_deps = next(d["pip"] for d in conda["dependencies"] if isinstance(d, dict))
+    for dep in ("mlflow", "torch", "torchvision", "pandas", "seaborn", "tqdm"):
+        assert any(p.startswith(dep) for p in pip_deps), dep
+
+
+def cli(*args, env=None, cwd=None):
+    return subprocess.run([sys.executable, "-m", "clr_mlflow.cli", *args], capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=600)
+
+
+@pytest.fixture
+def store_env(tracking, tmp_path):
+    env = dict(os.environ, MLFLOW_TRACKING_URI=tracking)
+    env.pop("MLFLOW_RUN_ID", None)
+    # create the database once, before any child process opens it
+    MlflowClient().search_experiments()
+    return env
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--num-iters", "1"], "num_iters"),
+    (["--lr-start", "0"], "lr_start"),
+    (["--lr-end", "1e-6"], "lr_end"),
+    (["--sweep", "cosine"], "sweep"),
+    (["--bounds-rule", "accuracy"], "eval_every"),
+    (["--data", "/nowhere"], "does not exist"),
+])
+def test_cli_bad_input_is_one_line_before_any_run(store_env, tmp_path, args, needle):
+    res = cli("range-test", "--data-dir", str(tmp_path), *args, env=store_env)
+    assert res.returncode == 2
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("Error:") and needle in last
+    assert mlflow.get_experiment_by_name("clr_mlflow") is None
+
+
+def test_cli_rejects_a_non_integer_for_an_int_option(store_env):
+    res = cli("train", "--batch-size", "12.5", env=store_env)
+    assert res.returncode == 2 and "batch-size" in res.stderr
+
+
+def mlflow_run(entry, params, env):
+    cmd = ["mlflow", "run", str(REPO), "-e", entry, "--env-manager", "local", "--experiment-name", "e2e"]
+    for k, v in params.items():
+        cmd += ["-P", f"{k}={v}"]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+
+
+@pytest.mark.parametrize("entry", ["range_test", "main"])
+def test_mlflow_run_end_to_end(store_env, cifar, data_dir, entry):
+    small = dict(data=cifar, data_dir=data_dir, limit_train=512, limit_test=100, batch_size=64, num_iters=40,
+                 lr_start=1e-4, lr_end=10, device="cpu")
+    if entry == "main":
+        small |= dict(step_size=4, cycles=1, policy="triangular2", bounds_rule="min_div10")
+    res = mlflow_run(entry, small, store_env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    runs = mlflow.search_runs(experiment_names=["e2e"])
+    assert len(runs) == 1 and runs["status"][0] == "FINISHED"
+    run = MlflowClient().get_run(runs["run_id"][0])
+    assert run.data.tags["mlflow.project.entryPoint"] == entry
+    assert run.data.params["limit_train"] == "512"
+    lr = MlflowClient().get_metric_history(run.info.run_id, "range_test/lr")
+    assert len(lr) >= 10 and {"bounds/base_lr", "bounds/max_lr"} <= set(run.data.metrics)
+    if entry == "main":
+        assert len(MlflowClient().get_metric_history(run.info.run_id, "train/lr")) == 8
+        assert run.data.params["bounds_source"] == "range_test" and run.data.tags["policy"] == "triangular2"
+        assert "test/accuracy" in run.data.metrics
+
+
+def test_readme_documents_every_parameter_and_starts_with_the_quickstart():
+    readme = (REPO / "README.md").read_text()
+    for f in fields(Config):
+        assert f"| `{f.name}` |" in readme, f.name
+    quick = readme.split("## Quickstart", 1)[1].split("```bash", 1)[1].split("```", 1)[0].strip().splitlines()
+    assert len(quick) == 2 and "mlflow run ." in quick[0] and "pytest" in quick[1]

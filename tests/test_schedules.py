@@ -1,0 +1,115 @@
+import math
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from clr_mlflow.schedules import CyclicLR, Fixed, OneCycle, ScheduleLR, make_schedule
+
+
+def formula(t, base, top, step, mode, gamma=1.0):
+    """The CLR formulas, written out independently of the package."""
+    cycle = math.floor(1 + t / (2 * step))
+    x = abs(t / step - 2 * cycle + 1)
+    scale = {"triangular": 1.0, "triangular2": 1 / 2 ** (cycle - 1), "exp_range": gamma**t}[mode]
+    return base + (top - base) * max(0.0, 1 - x) * scale
+
+
+def torch_cyclic(n, base, top, step, mode, gamma=1.0):
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=base)
+    sched = torch.optim.lr_scheduler.CyclicLR(opt, base, top, step_size_up=step, mode=mode, gamma=gamma,
+                                              cycle_momentum=False)
+    out = []
+    for _ in range(n):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return np.array(out)
+
+
+def ours_through_scheduler(n, schedule):
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=schedule.base_lr)
+    sched = ScheduleLR(opt, schedule)
+    out = []
+    for _ in range(n):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return np.array(out)
+
+
+@pytest.mark.parametrize("mode,gamma", [("triangular", 1.0), ("triangular2", 1.0), ("exp_range", 0.999)])
+def test_clr_modes_match_the_formula_and_torch_cyclic_lr_over_several_cycles(mode, gamma):
+    n, step = 5 * 2 * 25 + 7, 25
+    s = CyclicLR(0.001, 0.006, step_size=step, mode=mode, gamma=gamma)
+    expected = [formula(t, 0.001, 0.006, step, mode, gamma) for t in range(n)]
+    np.testing.assert_allclose(s.lrs(n), expected, rtol=1e-12)
+    np.testing.assert_allclose(ours_through_scheduler(n, s), torch_cyclic(n, 0.001, 0.006, step, mode, gamma),
+                               rtol=1e-9)
+
+
+def test_triangular_hand_checked_points():
+    s = CyclicLR(1.0, 3.0, step_size=4)
+    assert [s.lr(t) for t in (0, 2, 4, 6, 8, 12, 16)] == [1.0, 2.0, 3.0, 2.0, 1.0, 3.0, 1.0]
+    s2 = CyclicLR(1.0, 3.0, step_size=4, mode="triangular2")
+    assert [s2.lr(t) for t in (4, 12, 20)] == [3.0, 2.0, 1.5]
+
+
+def test_one_cycle_shape():
+    s = OneCycle(0.01, 0.1, total_iters=1000, anneal_frac=0.1, anneal_div=100)
+    lrs = s.lrs(1000)
+    assert lrs[0] == pytest.approx(0.01)
+    assert lrs.argmax() == 450 and lrs.max() == pytest.approx(0.1)
+    assert lrs[900] == pytest.approx(0.01)
+    assert lrs[-1] == pytest.approx(0.0001)
+    assert np.all(np.diff(lrs[:451]) > 0) and np.all(np.diff(lrs[450:]) < 0)
+    assert lrs[225] == pytest.approx(0.055)
+
+
+def test_fixed_is_constant_at_base_lr():
+    assert set(Fixed(0.003, 0.01).lrs(50)) == {0.003}
+
+
+def test_exp_range_uses_global_iteration():
+    s = CyclicLR(0.0, 1.0, step_size=10, mode="exp_range", gamma=0.9)
+    assert s.lr(30) == pytest.approx(0.9**30)
+
+
+def test_state_dict_round_trip_mid_cycle():
+    sched_args = dict(policy="triangular2", base_lr=0.001, max_lr=0.006, step_size=10, total_iters=100)
+    p = torch.zeros(1, requires_grad=True)
+    opt = torch.optim.SGD([p], lr=0.001, momentum=0.9)
+    a = ScheduleLR(opt, make_schedule(**sched_args), momentum=(0.85, 0.95))
+    for _ in range(27):
+        opt.step()
+        a.step()
+    state = pickle.loads(pickle.dumps(a.state_dict()))
+    opt2 = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.5, momentum=0.9)
+    b = ScheduleLR(opt2, make_schedule(**(sched_args | {"base_lr": 0.1, "max_lr": 0.2})))
+    b.load_state_dict(state)
+    for _ in range(30):
+        opt.step(); a.step(); opt2.step(); b.step()  # noqa: E702
+        assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"] == a.schedule.lr(a.last_epoch)
+        assert b.get_last_lr() == a.get_last_lr()
+    assert b.last_epoch == 57
+
+
+def test_momentum_cycles_opposite_to_lr_and_reaches_adamw_beta1():
+    s = CyclicLR(0.1, 1.0, step_size=4)
+    for opt_cls, read in ((torch.optim.SGD, lambda g: g["momentum"]), (torch.optim.AdamW, lambda g: g["betas"][0])):
+        opt = opt_cls([torch.zeros(1, requires_grad=True)], lr=0.1, **({"momentum": 0.9} if opt_cls is torch.optim.SGD else {}))
+        sched = ScheduleLR(opt, s, momentum=(0.85, 0.95))
+        seen = []
+        for _ in range(9):
+            seen.append((opt.param_groups[0]["lr"], read(opt.param_groups[0])))
+            opt.step()
+            sched.step()
+        assert seen[0] == (pytest.approx(0.1), pytest.approx(0.95))
+        assert seen[4] == (pytest.approx(1.0), pytest.approx(0.85))
+        assert seen[2][1] == pytest.approx(0.90) and seen[8][1] == pytest.approx(0.95)
+
+
+def test_unknown_policy_is_rejected():
+    with pytest.raises(ValueError, match="policy"):
+        make_schedule("cosine", 0.1, 1.0, 10, 100)
