@@ -7,10 +7,9 @@ from dataclasses import fields
 
 import click
 
-from .config import RANGE, TRAIN, Config, ConfigError
+from .config import COMMANDS, Config, ConfigError
 
 CLICK_TYPES = {int: click.INT, float: click.FLOAT, bool: click.BOOL, str: click.STRING}
-PHASES = {"range-test": (RANGE,), "train": (TRAIN,), "run": (RANGE, TRAIN)}
 
 
 def option_name(name: str) -> str:
@@ -30,19 +29,19 @@ def _with_config_options(phases: tuple[str, ...]):
     return decorate
 
 
-def _execute(phases: tuple[str, ...], kwargs: dict) -> None:
+def _execute(command: str, kwargs: dict) -> None:
     from .data import DataError
     from .runner import NoBounds, execute
 
     try:
-        outcome = execute(Config(**kwargs), phases)
+        outcome = execute(Config(**kwargs), command)
     except (ConfigError, DataError) as e:
         click.echo(f"Error: {e}", err=True)
         sys.exit(2)
     except NoBounds as e:
         click.echo(f"Error: {e}", err=True)
         sys.exit(1)
-    click.echo(outcome.summary(Config(**kwargs)))
+    click.echo(outcome.summary())
 
 
 @click.group()
@@ -52,25 +51,72 @@ def main() -> None:
 
 
 @main.command("range-test")
-@_with_config_options(PHASES["range-test"])
+@_with_config_options(COMMANDS["range-test"])
 def range_test_cmd(**kwargs) -> None:
     """LR range test: the loss curve, suggested (base_lr, max_lr) bounds, plot and table."""
-    _execute(PHASES["range-test"], kwargs)
+    _execute("range-test", kwargs)
 
 
 @main.command("train")
-@_with_config_options(PHASES["train"])
+@_with_config_options(COMMANDS["train"])
 def train_cmd(**kwargs) -> None:
     """Train with a cyclical policy between given bounds (base_lr/max_lr or bounds_from)."""
-    _execute(PHASES["train"], kwargs)
+    _execute("train", kwargs)
 
 
 @main.command("run")
-@_with_config_options(PHASES["run"])
+@_with_config_options(COMMANDS["run"])
 def run_cmd(**kwargs) -> None:
     """Range test, then training with its chosen bounds, in one MLflow run (skips the
     range test when base_lr/max_lr or bounds_from are given)."""
-    _execute(PHASES["run"], kwargs)
+    _execute("run", kwargs)
+
+
+@main.command("compare")
+@click.option("--experiment", default="clr_mlflow", show_default=True, help="MLflow experiment whose runs to compare")
+@click.option("--target-accuracy", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="accuracy for the iterations-to-target column (0 = the fixed run's final accuracy)")
+@click.option("--log-run", type=click.BOOL, default=True, show_default=True,
+              help="log the leaderboard and plots into a comparison run of the experiment")
+def compare_cmd(experiment: str, target_accuracy: float, log_run: bool) -> None:
+    """Leaderboard of an experiment's runs: policy, bounds, accuracy, iterations to a target."""
+    import pandas as pd
+
+    from .history import NoRuns
+    from .review import compare_experiment
+
+    try:
+        result = compare_experiment(experiment, target_accuracy, log_run)
+    except NoRuns as e:
+        click.echo(f"Error: {e}", err=True)
+        sys.exit(1)
+    with pd.option_context("display.width", 200, "display.max_columns", 20, "display.float_format", "{:.4g}".format):
+        click.echo(result.board.assign(run_id=result.board["run_id"].str[:8]).to_string(index=False))
+    click.echo(result.verdict)
+    click.echo(f"read {len(result.board)} runs in {result.read_seconds:.2f}s"
+               + (f"; logged as run {result.run_id}" if result.run_id else ""))
+
+
+@main.command("reproduce")
+@click.argument("run_id")
+def reproduce_cmd(run_id: str) -> None:
+    """Run RUN_ID again with exactly its params; compare key metrics and the range-test curve."""
+    import pandas as pd
+
+    from .data import DataError
+    from .review import reproduce
+
+    try:
+        rep = reproduce(run_id)
+    except (ConfigError, DataError) as e:
+        click.echo(f"Error: {e}", err=True)
+        sys.exit(2)
+    for w in rep.warnings:
+        click.echo(f"warning: {w}", err=True)
+    with pd.option_context("display.width", 200, "display.float_format", "{:.6g}".format):
+        click.echo(rep.metrics.to_string(index=False))
+    click.echo(rep.curve_note)
+    click.echo(f"reproduction: run {rep.outcome.run_id} (tag clr_mlflow.reproduces={run_id})")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ OPTIMIZERS = ("sgd", "adamw")
 DEVICES = ("auto", "cpu", "cuda")
 
 RANGE, TRAIN = "range_test", "train"  # the two phases a parameter can belong to
+COMMANDS = {"range-test": (RANGE,), "train": (TRAIN,), "run": (RANGE, TRAIN)}  # command -> its phases
 
 
 class ConfigError(ValueError):
@@ -45,6 +46,7 @@ class Config:
     device: str = _p("auto", "auto (CUDA when available), cpu or cuda")
     experiment: str = _p("clr_mlflow", "MLflow experiment of the run (ignored inside `mlflow run`, which made the run)")
     run_name: str = _p("", "MLflow run name (empty: MLflow picks one)")
+    preset: str = _p("", "named settings filling every parameter left at its default: smith2017_cifar10 (the CLR paper's CIFAR-10 experiment)")
     # range test
     lr_start: float = _p(1e-5, "first lr of the range test", (RANGE,))
     lr_end: float = _p(10.0, "last lr of the range test", (RANGE,))
@@ -64,6 +66,7 @@ class Config:
     step_epochs: float = _p(4.0, "half-cycle length in epochs, used when step_size is 0", (TRAIN,))
     cycles: int = _p(2, "training length in whole cycles (2 x step_size iterations each)", (TRAIN,))
     epochs: int = _p(0, "training length in epochs; when > 0 it wins over cycles", (TRAIN,))
+    iterations: int = _p(0, "training length in iterations; when > 0 it wins over epochs and cycles", (TRAIN,))
     gamma: float = _p(0.99994, "exp_range decay: amplitude x gamma**iteration", (TRAIN,))
     cycle_momentum: bool = _p(False, "cycle momentum (AdamW: beta1) opposite to the lr", (TRAIN,))
     base_momentum: float = _p(0.85, "momentum at max_lr when cycle_momentum", (TRAIN,))
@@ -135,8 +138,9 @@ def validate(cfg: Config, phases: tuple[str, ...], require_bounds: bool = False)
         _need(cfg.step_epochs > 0, "step_epochs", "positive", cfg.step_epochs)
         _need(cfg.cycles >= 0, "cycles", "non-negative integer", cfg.cycles)
         _need(cfg.epochs >= 0, "epochs", "non-negative integer", cfg.epochs)
-        if cfg.cycles == 0 and cfg.epochs == 0:
-            raise ConfigError("Expected positive cycles or epochs, but got cycles=0 and epochs=0")
+        _need(cfg.iterations >= 0, "iterations", "non-negative integer", cfg.iterations)
+        if cfg.cycles == 0 and cfg.epochs == 0 and cfg.iterations == 0:
+            raise ConfigError("Expected positive cycles, epochs or iterations, but got all three 0")
         _need(0 < cfg.gamma <= 1, "gamma", "value in (0, 1] for", cfg.gamma)
         _need(0 <= cfg.base_momentum < cfg.max_momentum < 1, "base_momentum/max_momentum",
               "0 <= base < max < 1 for", (cfg.base_momentum, cfg.max_momentum))

@@ -81,3 +81,83 @@ def training_figure(epochs: pd.DataFrame, lrs: np.ndarray) -> plt.Figure:
     fig.suptitle("Training")
     fig.tight_layout()
     return fig
+
+
+def _policy_palette(policies) -> dict:
+    names = sorted({str(p) for p in policies})
+    return dict(zip(names, sns.color_palette("deep", len(names))))
+
+
+def compare_accuracy_figure(series: pd.DataFrame) -> plt.Figure:
+    """Test accuracy vs iteration, one line per run, coloured by policy.
+    `series`: columns run, policy, step, value."""
+    fig, ax = plt.subplots(figsize=(9, 5))
+    colors = _policy_palette(series["policy"])
+    for (run, policy), g in series.groupby(["run", "policy"], sort=False):
+        ax.plot(g["step"] + 1, g["value"], "o-", ms=2.5, lw=1.3, color=colors[str(policy)], label=f"{policy} ({run[:8]})")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("test accuracy")
+    ax.set_title("Test accuracy per run")
+    if len(series):
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def compare_lr_figure(series: pd.DataFrame) -> plt.Figure:
+    """The runs' lr schedules overlaid. `series`: columns run, policy, step, value."""
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    colors = _policy_palette(series["policy"])
+    for (run, policy), g in series.groupby(["run", "policy"], sort=False):
+        ax.plot(g["step"], g["value"], lw=1.2, alpha=0.85, color=colors[str(policy)], label=f"{policy} ({run[:8]})")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("learning rate")
+    ax.set_title("Learning-rate schedules")
+    if len(series):
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def compare_range_tests_figure(curves: dict[str, pd.DataFrame], chosen: pd.DataFrame) -> plt.Figure:
+    """Range-test curves (smoothed loss vs lr) overlaid, each run's chosen bounds shaded in
+    its colour. `chosen`: columns run_id, base_lr, max_lr."""
+    fig, ax = plt.subplots(figsize=(9, 5))
+    palette = sns.color_palette("husl", max(1, len(curves)))
+    for color, (run, curve) in zip(palette, curves.items()):
+        ax.plot(curve["lr"], curve["smoothed_loss"], lw=1.5, color=color, label=run[:8])
+        row = chosen[chosen["run_id"] == run]
+        if len(row) and np.isfinite(row["max_lr"].iloc[0]):
+            ax.axvspan(row["base_lr"].iloc[0], row["max_lr"].iloc[0], color=color, alpha=0.08)
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("smoothed training loss")
+    ax.set_title("Range tests (shaded: chosen bounds)")
+    if curves:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def compare_bounds_figure(tables: pd.DataFrame) -> plt.Figure:
+    """base_lr-max_lr per run (rows) and rule (colours), on a log axis; the chosen rule
+    drawn thick. `tables`: the bounds tables with a run_id column."""
+    fig, ax = plt.subplots(figsize=(9, 0.6 * max(3, tables["run_id"].nunique() + 1) + 1.5))
+    ok = tables[np.isfinite(tables["max_lr"].astype(float))] if len(tables) else tables
+    runs = list(dict.fromkeys(tables["run_id"])) if len(tables) else []
+    rules = list(dict.fromkeys(tables["rule"])) if len(tables) else []
+    colors = dict(zip(rules, sns.color_palette("deep", max(1, len(rules)))))
+    for _, row in ok.iterrows():
+        y = runs.index(row["run_id"]) + (rules.index(row["rule"]) - (len(rules) - 1) / 2) * 0.15
+        ax.plot([row["base_lr"], row["max_lr"]], [y, y], color=colors[row["rule"]],
+                lw=5 if bool(row["selected"]) else 2, solid_capstyle="butt")
+    for rule, color in colors.items():
+        ax.plot([], [], color=color, lw=3, label=rule)
+    ax.set_xscale("log")
+    ax.set_yticks(range(len(runs)), [r[:8] for r in runs])
+    ax.set_xlabel("learning rate (base_lr - max_lr)")
+    ax.set_title("Suggested bounds per run and rule (thick: chosen)")
+    if rules:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

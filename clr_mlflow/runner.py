@@ -12,10 +12,11 @@ from . import data as data_mod
 from . import plots, tracking
 from .batches import Batches, channel_stats
 from .bounds import bounds_frame, suggest_bounds
-from .config import RANGE, TRAIN, Config, ConfigError, validate
+from .config import COMMANDS, RANGE, TRAIN, Config, ConfigError, validate
 from .curve import sweep_lrs
 from .engine import make_optimizer, pick_device, seed_everything
 from .models import build_model
+from .presets import apply_preset
 from .range_test import RangeTestResult, range_test
 from .schedules import CyclicLR, ScheduleLR, make_schedule
 from .training import TrainResult, train
@@ -28,12 +29,14 @@ class NoBounds(RuntimeError):
 @dataclass
 class Outcome:
     run_id: str
+    config: Config  # with the preset applied
     range_test: RangeTestResult | None = None
     bounds: tuple[float, float, str] | None = None  # base_lr, max_lr, rule
     training: TrainResult | None = None
     range_test_seconds: float = 0.0
 
-    def summary(self, cfg: Config) -> str:
+    def summary(self) -> str:
+        cfg = self.config
         parts = [f"run {self.run_id}"]
         if self.range_test is not None:
             parts.append(f"range test: {len(self.range_test.lrs)} it, {self.range_test.stop_reason}")
@@ -46,16 +49,19 @@ class Outcome:
         return " | ".join(parts)
 
 
-def execute(cfg: Config, phases: tuple[str, ...]) -> Outcome:
-    """Run the given phases (range test, training, or both chained) into one MLflow run."""
+def execute(cfg: Config, command: str, tags: dict | None = None) -> Outcome:
+    """Run a command's phases (range test, training, or both chained) into one MLflow run.
+    `cfg` is the config as the user gave it; a preset is applied here."""
+    requested = phases = COMMANDS[command]
+    given_cfg = cfg
+    cfg, from_preset = apply_preset(cfg)
     validate(cfg, phases, require_bounds=RANGE not in phases)
-    given = (cfg.base_lr, cfg.max_lr, "given") if cfg.max_lr > 0 else None
+    given = (cfg.base_lr, cfg.max_lr, "preset" if "max_lr" in from_preset else "given") if cfg.max_lr > 0 else None
     if TRAIN in phases and cfg.bounds_from:
         try:
             given = tracking.chosen_bounds(cfg.bounds_from)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-    requested = phases
     if given and RANGE in phases:
         phases = tuple(p for p in phases if p != RANGE)  # bounds known: no range test needed
     device = pick_device(cfg.device)
@@ -63,7 +69,7 @@ def execute(cfg: Config, phases: tuple[str, ...]) -> Outcome:
     if len(ds.train) < cfg.batch_size:
         raise ConfigError(f"Expected batch_size <= the {len(ds.train)} training images, but got {cfg.batch_size}")
     seed_everything(cfg.seed)
-    model = build_model(cfg.model, len(ds.classes)).to(device)
+    model = build_model(cfg.model, len(ds.classes), cfg.image_size).to(device)
     cuda = device.type == "cuda"
     if cuda:
         model = model.to(memory_format=torch.channels_last)
@@ -75,13 +81,15 @@ def execute(cfg: Config, phases: tuple[str, ...]) -> Outcome:
         raise ConfigError(f"Expected num_iters >= 2, but one epoch is {num_iters} batch(es): set num_iters")
     optimizer = make_optimizer(model, cfg.optimizer, cfg.lr_start, cfg.momentum, cfg.nesterov, cfg.weight_decay)
 
-    tags = tracking.provenance_tags(str(device)) | {"clr_mlflow.kind": "+".join(phases)}
+    tags = tracking.provenance_tags(str(device)) | {"clr_mlflow.kind": "+".join(phases),
+                                                    "clr_mlflow.command": command} | (tags or {})
     with tracking.active_run(cfg.experiment, cfg.run_name, tags) as run, \
             tracking.MetricBuffer(run.info.run_id) as sink:
-        out = Outcome(run.info.run_id)
+        out = Outcome(run.info.run_id, cfg)
         # Params keep the values as given (base_lr=0 means "from the range test"), so a run can
         # be repeated from its params; what training actually used is logged as effective.*.
-        tracking.log_params(cfg.params(requested) | ds.describe())
+        tracking.log_params(given_cfg.params(requested) | ds.describe()
+                            | {f"effective.{k}": v for k, v in from_preset.items()})
         if RANGE in phases:
             t0 = time.perf_counter()
             out.range_test, out.bounds = _range_test_phase(cfg, model, optimizer, train_b, test_b, num_iters, sink)
@@ -104,7 +112,7 @@ def _range_test_phase(cfg, model, optimizer, train_b, test_b, num_iters, sink):
     suggestions = suggest_bounds(result.lrs, result.smoothed, result.eval_lrs, result.accuracies, cfg.bounds_divisor)
     table = bounds_frame(suggestions, cfg.bounds_rule)
     curve = result.to_frame()
-    tracking.log_bounds_table(table)
+    tracking.log_table(table, tracking.BOUNDS_TABLE)
     tracking.log_frame_csv(curve, "range_test/curve.csv")
     tracking.log_figure(plots.range_test_figure(curve, table, log_x=cfg.sweep == "exp"), "range_test/curve.png")
     chosen = next(s for s in suggestions if s.rule == cfg.bounds_rule)
@@ -121,13 +129,18 @@ def _train_phase(cfg, model, optimizer, train_b, test_b, out: Outcome, sink) -> 
     base_lr, max_lr, rule = out.bounds
     ipe = len(train_b)
     step_size = cfg.step_size or max(1, round(cfg.step_epochs * ipe))
-    total = cfg.epochs * ipe if cfg.epochs > 0 else cfg.cycles * 2 * step_size
-    if cfg.epochs > 0 and total % (2 * step_size) and cfg.policy in ("triangular", "triangular2", "exp_range"):
+    total = cfg.iterations or (cfg.epochs * ipe if cfg.epochs > 0 else cfg.cycles * 2 * step_size)
+    if cfg.epochs > 0 and not cfg.iterations and total % (2 * step_size) and cfg.policy in ("triangular", "triangular2", "exp_range"):
         print(f"note: epochs={cfg.epochs} is {total / (2 * step_size):.2f} cycles of {2 * step_size} iterations; "
               "the paper advises whole cycles (use cycles instead of epochs)")
     schedule = make_schedule(cfg.policy, base_lr, max_lr, step_size, total, cfg.gamma, cfg.anneal_frac,
                              cfg.anneal_div)
-    source = "range_test" if out.range_test is not None else (f"run:{cfg.bounds_from}" if cfg.bounds_from else "given")
+    if out.range_test is not None:
+        source = "range_test"
+    elif cfg.bounds_from:
+        source = f"run:{cfg.bounds_from}"
+    else:
+        source = f"preset:{cfg.preset}" if rule == "preset" else "given"
     tracking.log_params({
         "bounds_source": source, "effective.base_lr": base_lr, "effective.max_lr": max_lr,
         "effective.step_size": step_size, "total_iters": total, "iters_per_epoch": ipe})

@@ -122,8 +122,8 @@ def log_frame_csv(df: pd.DataFrame, path: str) -> None:
     mlflow.log_text(df.to_csv(index=False), path)
 
 
-def log_bounds_table(table: pd.DataFrame) -> None:
-    mlflow.log_table(table, artifact_file=BOUNDS_TABLE)
+def log_table(table: pd.DataFrame, path: str) -> None:
+    mlflow.log_table(table, artifact_file=path)
 
 
 def chosen_bounds(run_id: str) -> tuple[float, float, str]:

@@ -10,7 +10,7 @@ import pytest
 from mlflow import MlflowClient
 from PIL import Image
 
-from clr_mlflow.config import RANGE, TRAIN, Config, ConfigError
+from clr_mlflow.config import Config, ConfigError
 from clr_mlflow.curve import smooth
 from clr_mlflow.runner import execute
 from clr_mlflow.schedules import make_schedule
@@ -52,7 +52,7 @@ def assert_png(raw: bytes):
 def range_run(store, base):
     cfg = Config(**base, limit_train=2000, limit_test=200, num_iters=80, lr_start=1e-4, lr_end=10.0,
                  eval_every=10, experiment="it_range", bounds_rule="steepest")
-    return cfg, execute(cfg, (RANGE,))
+    return cfg, execute(cfg, "range-test")
 
 
 def test_range_test_histories_read_back_from_mlflow(range_run):
@@ -101,7 +101,7 @@ def test_bounds_table_through_load_table_and_artifacts(range_run):
 def test_training_history_equals_the_schedule_and_epoch_metrics_line_up(store, base):
     cfg = Config(**base, limit_train=320, limit_test=100, policy="triangular2", base_lr=0.01, max_lr=0.1,
                  step_size=3, cycles=2, experiment="it_train")  # 5 iterations per epoch, 12 iterations
-    out = execute(cfg, (RANGE, TRAIN))
+    out = execute(cfg, "run")
     assert out.range_test is None  # bounds given: no range test
     steps, lrs = history(out.run_id, "train/lr")
     expected = make_schedule("triangular2", 0.01, 0.1, 3, 12).lrs(12)
@@ -131,7 +131,7 @@ def test_bounds_from_an_earlier_range_test(range_run, base):
     _, earlier = range_run
     cfg = Config(**base, limit_train=320, limit_test=100, policy="exp_range", bounds_from=earlier.run_id,
                  epochs=1, save_model=False, experiment="it_train")
-    out = execute(cfg, (TRAIN,))
+    out = execute(cfg, "train")
     assert out.bounds[:2] == pytest.approx(earlier.bounds[:2])
     run = MlflowClient().get_run(out.run_id)
     assert run.data.params["bounds_source"] == f"run:{earlier.run_id}"
@@ -146,7 +146,7 @@ def test_bounds_from_an_earlier_range_test(range_run, base):
     (dict(step_size=-2), "step_size"),
     (dict(gamma=1.5), "gamma"),
     (dict(gamma=0.0), "gamma"),
-    (dict(cycles=0, epochs=0), "cycles or epochs"),
+    (dict(cycles=0, epochs=0), "cycles, epochs or iterations"),
     (dict(bounds_from="0123456789abcdef0123456789abcdef"), "existing run"),
     (dict(model="vgg"), "small_cnn, resnet18"),
     (dict(batch_size=0), "batch_size"),
@@ -154,7 +154,7 @@ def test_bounds_from_an_earlier_range_test(range_run, base):
 def test_bad_input_fails_before_any_run_is_created(store, base, change, message):
     cfg = Config(**(base | {"limit_train": 200, "experiment": "it_bad"} | change))
     with pytest.raises(ConfigError, match=message):
-        execute(cfg, (RANGE, TRAIN))
+        execute(cfg, "run")
     exp = mlflow.get_experiment_by_name("it_bad")
     assert exp is None or mlflow.search_runs([exp.experiment_id]).empty
 
@@ -164,9 +164,9 @@ def test_bounds_from_a_run_without_a_table_is_refused(store, base):
         pass
     cfg = Config(**base, limit_train=200, bounds_from=plain.info.run_id)
     with pytest.raises(ConfigError, match="has none"):
-        execute(cfg, (TRAIN,))
+        execute(cfg, "train")
 
 
 def test_nan_free_numbers_in_the_summary(range_run):
     cfg, out = range_run
-    assert out.run_id in out.summary(cfg) and not math.isnan(out.bounds[0])
+    assert out.run_id in out.summary() and not math.isnan(out.bounds[0])

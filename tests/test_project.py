@@ -10,8 +10,8 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from clr_mlflow.cli import PHASES, option_name
-from clr_mlflow.config import Config
+from clr_mlflow.cli import option_name
+from clr_mlflow.config import COMMANDS, Config
 from tests.conftest import REPO
 
 ENTRY_POINTS = {"main": "run", "range_test": "range-test", "train": "train"}
@@ -24,7 +24,7 @@ def mlproject():
 @pytest.mark.parametrize("entry,command", ENTRY_POINTS.items())
 def test_every_declared_parameter_reaches_the_command_and_matches_the_cli(entry, command):
     ep = mlproject()["entry_points"][entry]
-    names = Config.names(PHASES[command])
+    names = Config.names(COMMANDS[command])
     assert list(ep["parameters"]) == names
     assert ep["command"].startswith(f"clr-mlflow {command} ")
     for name in names:
@@ -112,3 +112,26 @@ def test_readme_documents_every_parameter_and_starts_with_the_quickstart():
         assert f"| `{f.name}` |" in readme, f.name
     quick = readme.split("## Quickstart", 1)[1].split("```bash", 1)[1].split("```", 1)[0].strip().splitlines()
     assert len(quick) == 2 and "mlflow run ." in quick[0] and "pytest" in quick[1]
+
+
+def test_mlproject_is_what_the_generator_writes():
+    res = subprocess.run([sys.executable, str(REPO / "scripts" / "gen_mlproject.py"), "--check"], cwd=REPO)
+    assert res.returncode == 0, "MLproject is out of date: run python scripts/gen_mlproject.py"
+
+
+def test_sweep_script_trains_every_policy_and_compares(store_env, cifar, data_dir):
+    env = dict(store_env, EXPERIMENT="sweep", JOBS="2", TRAIN_ARGS="-P step_size=2 -P cycles=1 -P save_model=false")
+    args = ["-P", f"data={cifar}", "-P", f"data_dir={data_dir}", "-P", "limit_train=256", "-P", "limit_test=100",
+            "-P", "batch_size=64", "-P", "device=cpu"]
+    env["RANGE_ARGS"] = "-P num_iters=30 -P lr_start=1e-4 -P lr_end=1 -P bounds_rule=loss_edge"
+    res = subprocess.run(["bash", str(REPO / "scripts" / "sweep_policies.sh"), *args], capture_output=True, text=True,
+                         env=dict(env, EXPERIMENT="sweep2"), timeout=900)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    runs = mlflow.search_runs(experiment_names=["sweep2"])
+    kinds = runs["tags.clr_mlflow.kind"].value_counts().to_dict()
+    assert kinds == {"range_test": 1, "train": 5, "compare": 1}
+    trained = runs[runs["tags.clr_mlflow.kind"] == "train"]
+    assert sorted(trained["params.policy"]) == sorted(["fixed", "triangular", "triangular2", "exp_range", "one_cycle"])
+    range_id = runs.loc[runs["tags.clr_mlflow.kind"] == "range_test", "run_id"].iloc[0]
+    assert set(trained["params.bounds_source"]) == {f"run:{range_id}"}
+    assert "best:" in res.stdout

@@ -1,0 +1,37 @@
+"""Named settings from the literature. A preset fills in every parameter still at its
+default; a parameter given a non-default value wins over the preset."""
+from __future__ import annotations
+
+from dataclasses import fields, replace
+
+from .config import Config, ConfigError
+
+# Smith (2017), "Cyclical Learning Rates for Training Neural Networks", section 4.1.1 and
+# Table 1: Caffe's CIFAR-10 "full" network, batch 100 (500 iterations an epoch), step size
+# 2000, bounds 0.001-0.006, exp_range gamma 0.99994. Caffe's solver: momentum 0.9, weight
+# decay 0.004, no augmentation (mean subtraction only).
+SMITH2017_CIFAR10 = dict(
+    model="smith_cifar", batch_size=100, base_lr=0.001, max_lr=0.006, step_size=2000, gamma=0.99994,
+    momentum=0.9, nesterov=False, weight_decay=0.004, augment=False,
+)
+# Table 1's iteration counts (and its accuracies to hold results against).
+SMITH2017_ITERATIONS = {"fixed": 70_000, "triangular": 25_000, "triangular2": 25_000, "exp_range": 42_000,
+                        "one_cycle": 25_000}
+SMITH2017_PUBLISHED = {"fixed": (70_000, 0.814), "triangular2": (25_000, 0.814), "exp_range": (42_000, 0.822)}
+
+PRESETS = {"smith2017_cifar10": (SMITH2017_CIFAR10, SMITH2017_ITERATIONS)}
+
+
+def apply_preset(cfg: Config) -> tuple[Config, dict]:
+    """The config with the preset's values where cfg still has the default, and a dict of
+    the values the preset changed."""
+    if not cfg.preset:
+        return cfg, {}
+    if cfg.preset not in PRESETS:
+        raise ConfigError(f"Expected preset to be one of {', '.join(PRESETS)} or empty, but got {cfg.preset!r}")
+    values, iterations = PRESETS[cfg.preset]
+    defaults = {f.name: f.default for f in fields(Config)}
+    changed = {k: v for k, v in values.items() if getattr(cfg, k) == defaults[k] and v != defaults[k]}
+    if cfg.iterations == 0 and cfg.epochs == 0 and cfg.cycles == defaults["cycles"] and cfg.policy in iterations:
+        changed["iterations"] = iterations[cfg.policy]
+    return replace(cfg, **changed), changed
