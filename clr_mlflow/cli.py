@@ -32,13 +32,14 @@ def _with_config_options(phases: tuple[str, ...]):
 def _execute(command: str, kwargs: dict) -> None:
     from .data import DataError
     from .runner import NoBounds, execute
+    from .training import TrainingDiverged
 
     try:
         outcome = execute(Config(**kwargs), command)
     except (ConfigError, DataError) as e:
         click.echo(f"Error: {e}", err=True)
         sys.exit(2)
-    except NoBounds as e:
+    except (NoBounds, TrainingDiverged) as e:
         click.echo(f"Error: {e}", err=True)
         sys.exit(1)
     click.echo(outcome.summary())

@@ -46,6 +46,8 @@ class Config:
     device: str = _p("auto", "auto (CUDA when available), cpu or cuda")
     experiment: str = _p("clr_mlflow", "MLflow experiment of the run (ignored inside `mlflow run`, which made the run)")
     run_name: str = _p("", "MLflow run name (empty: MLflow picks one)")
+    log_every: int = _p(1, "log every n-th iteration's values to MLflow (the CSV artifacts keep all)")
+    compile: bool = _p(False, "torch.compile the model (worth it on CUDA for long runs)")
     preset: str = _p("", "named settings filling every parameter left at its default: smith2017_cifar10 (the CLR paper's CIFAR-10 experiment)")
     # range test
     lr_start: float = _p(1e-5, "first lr of the range test", (RANGE,))
@@ -107,6 +109,7 @@ def validate(cfg: Config, phases: tuple[str, ...], require_bounds: bool = False)
     _need(cfg.weight_decay >= 0, "weight_decay", "non-negative", cfg.weight_decay)
     _need(cfg.seed >= 0, "seed", "non-negative integer", cfg.seed)
     _need(0 <= cfg.beta < 1, "beta", "value in [0, 1) for", cfg.beta)
+    _need(cfg.log_every >= 1, "log_every", "positive integer", cfg.log_every)
     if cfg.device == "cuda":
         import torch
 

@@ -20,13 +20,20 @@ from .batches import Batches
 
 
 class Sink(Protocol):
-    """Where the loops report. `series` gets parallel arrays keyed by metric name."""
+    """Where the loops report, as parallel arrays keyed by metric name: `series` for
+    per-iteration values (a sink may thin them), `points` for sparse ones (evaluations,
+    epochs), kept whole."""
 
     def series(self, steps: np.ndarray, values: dict[str, np.ndarray]) -> None: ...
+
+    def points(self, steps: np.ndarray, values: dict[str, np.ndarray]) -> None: ...
 
 
 class NullSink:
     def series(self, steps, values) -> None:
+        pass
+
+    def points(self, steps, values) -> None:
         pass
 
 

@@ -68,7 +68,8 @@ def range_test(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches
                     x, y = next(stream)
                     buf[i - start], _ = train_step(model, optimizer, x, y)
                     if held_out is not None and eval_every and (i + 1) % eval_every == 0:
-                        chunk_evals.append((i, *evaluate(model, held_out)[::-1]))
+                        val_loss, val_acc = evaluate(model, held_out)
+                        chunk_evals.append((i, val_acc, val_loss))
                 raw = buf[: stop_at - start].double().cpu().numpy()
                 smoothed = smoother.update(raw)
                 bad = rule.first_stop(raw, smoothed, start)
@@ -83,7 +84,7 @@ def range_test(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches
                                     prefix + "smoothed_loss": smoothed[:n]})
                 if chunk_evals:
                     e = np.array(chunk_evals)
-                    sink.series(e[:, 0].astype(int), {prefix + "accuracy": e[:, 1], prefix + "val_loss": e[:, 2]})
+                    sink.points(e[:, 0].astype(int), {prefix + "accuracy": e[:, 1], prefix + "val_loss": e[:, 2]})
                 bar.update(n)
                 if bad is not None:
                     reason = rule.reason

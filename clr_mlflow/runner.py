@@ -73,6 +73,7 @@ def execute(cfg: Config, command: str, tags: dict | None = None) -> Outcome:
     cuda = device.type == "cuda"
     if cuda:
         model = model.to(memory_format=torch.channels_last)
+    net = torch.compile(model) if cfg.compile else model  # same weights; `model` saves clean keys
     mean, std = channel_stats(ds.train)
     train_b = Batches(ds.train, cfg.batch_size, device, mean, std, cfg.augment, cfg.seed, channels_last=cuda)
     test_b = Batches(ds.test, max(cfg.batch_size, 512), device, mean, std, False, cfg.seed, channels_last=cuda)
@@ -84,7 +85,7 @@ def execute(cfg: Config, command: str, tags: dict | None = None) -> Outcome:
     tags = tracking.provenance_tags(str(device)) | {"clr_mlflow.kind": "+".join(phases),
                                                     "clr_mlflow.command": command} | (tags or {})
     with tracking.active_run(cfg.experiment, cfg.run_name, tags) as run, \
-            tracking.MetricBuffer(run.info.run_id) as sink:
+            tracking.MetricBuffer(run.info.run_id, log_every=cfg.log_every) as sink:
         out = Outcome(run.info.run_id, cfg)
         # Params keep the values as given (base_lr=0 means "from the range test"), so a run can
         # be repeated from its params; what training actually used is logged as effective.*.
@@ -92,7 +93,7 @@ def execute(cfg: Config, command: str, tags: dict | None = None) -> Outcome:
                             | {f"effective.{k}": v for k, v in from_preset.items()})
         if RANGE in phases:
             t0 = time.perf_counter()
-            out.range_test, out.bounds = _range_test_phase(cfg, model, optimizer, train_b, test_b, num_iters, sink)
+            out.range_test, out.bounds = _range_test_phase(cfg, net, optimizer, train_b, test_b, num_iters, sink)
             out.range_test_seconds = time.perf_counter() - t0
         else:
             out.bounds = given
@@ -100,7 +101,7 @@ def execute(cfg: Config, command: str, tags: dict | None = None) -> Outcome:
             if out.bounds is None:
                 raise NoBounds(f"bounds_rule {cfg.bounds_rule} found no bounds on this curve (see range_test/bounds.json"
                                " and curve.png): pass base_lr and max_lr, or choose another bounds_rule")
-            out.training = _train_phase(cfg, model, optimizer, train_b, test_b, out, sink)
+            out.training = _train_phase(cfg, net, model, optimizer, train_b, test_b, out, sink)
     return out
 
 
@@ -125,7 +126,7 @@ def _range_test_phase(cfg, model, optimizer, train_b, test_b, num_iters, sink):
     return result, (chosen.base_lr, chosen.max_lr, cfg.bounds_rule)
 
 
-def _train_phase(cfg, model, optimizer, train_b, test_b, out: Outcome, sink) -> TrainResult:
+def _train_phase(cfg, net, model, optimizer, train_b, test_b, out: Outcome, sink) -> TrainResult:
     base_lr, max_lr, rule = out.bounds
     ipe = len(train_b)
     step_size = cfg.step_size or max(1, round(cfg.step_epochs * ipe))
@@ -152,13 +153,14 @@ def _train_phase(cfg, model, optimizer, train_b, test_b, out: Outcome, sink) -> 
     momentum = (cfg.base_momentum, cfg.max_momentum) if cfg.cycle_momentum else None
     scheduler = ScheduleLR(optimizer, schedule, momentum)
     try:
-        result = train(model, optimizer, scheduler, train_b, test_b, total, beta=cfg.beta, sink=sink)
+        result = train(net, optimizer, scheduler, train_b, test_b, total, beta=cfg.beta, sink=sink)
     finally:
         sink.flush()
     cycle_len = 2 * step_size if isinstance(schedule, CyclicLR) else None
     tracking.log_figure(plots.schedule_figure(result.lrs, cycle_len), "train/schedule.png")
     tracking.log_figure(plots.training_figure(result.epochs, result.lrs), "train/curves.png")
     tracking.log_frame_csv(result.epochs, "train/epochs.csv")
+    tracking.log_frame_csv(result.to_frame(), "train/curve.csv")
     tracking.log_metrics({"test/accuracy": result.final_accuracy, "test/best_accuracy": result.best_accuracy,
                         "time/train_seconds": result.seconds, "time/range_test_seconds": out.range_test_seconds})
     if cfg.save_model:

@@ -20,18 +20,27 @@ BOUNDS_TABLE = "range_test/bounds.json"
 
 class MetricBuffer:
     """Collects per-iteration values and sends them with batched, asynchronous `log_batch`
-    calls of `flush_every` values. A context manager: leaving it, normally or by an
-    exception (Ctrl-C included), sends the rest and waits until MLflow has stored it all."""
+    calls of `flush_every` values. `series` keeps only steps that are multiples of
+    `log_every` (the CSV artifacts keep every iteration); `points` keeps everything.
+    A context manager: leaving it, normally or by an exception (Ctrl-C included), sends
+    the rest and waits until MLflow has stored it all."""
 
-    def __init__(self, run_id: str, flush_every: int = 3000, client: MlflowClient | None = None):
+    def __init__(self, run_id: str, flush_every: int = 3000, log_every: int = 1, client: MlflowClient | None = None):
         self.run_id = run_id
         self.flush_every = flush_every
+        self.log_every = log_every
         self.client = client or MlflowClient()
         self.pending: list[Metric] = []
         self.in_flight = []
         self.calls = 0
 
     def series(self, steps, values: dict) -> None:
+        if self.log_every > 1:
+            keep = np.asarray(steps) % self.log_every == 0
+            steps, values = np.asarray(steps)[keep], {k: np.asarray(v)[keep] for k, v in values.items()}
+        self.points(steps, values)
+
+    def points(self, steps, values: dict) -> None:
         ts = int(time.time() * 1000)
         steps = np.asarray(steps).tolist()
         for key, vals in values.items():

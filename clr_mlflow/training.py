@@ -25,7 +25,14 @@ class TrainingDiverged(RuntimeError):
 class TrainResult:
     epochs: pd.DataFrame   # epoch, step, train_loss, train_accuracy, val_loss, val_accuracy
     lrs: np.ndarray        # the lr used at every iteration
+    losses: np.ndarray     # raw training loss of every iteration
+    smoothed: np.ndarray
     seconds: float
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per iteration: iteration, lr, loss, smoothed_loss."""
+        return pd.DataFrame({"iteration": np.arange(len(self.lrs)), "lr": self.lrs, "loss": self.losses,
+                             "smoothed_loss": self.smoothed})
 
     @property
     def final_accuracy(self) -> float:
@@ -43,7 +50,7 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, b
     start_time = time.perf_counter()
     smoother = EMASmoother(beta)
     buf = torch.empty(sync_every, device=batches.device)
-    lrs = np.empty(total_iters)
+    lrs, losses, smoothed_all = np.empty(total_iters), np.empty(total_iters), np.empty(total_iters)
     rows = []
     t, done = 0, 0  # t: iterations run; done: iterations already sent to the sink
 
@@ -51,6 +58,7 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, b
         nonlocal done
         raw = buf[: t - done].double().cpu().numpy()
         smoothed = smoother.update(raw)
+        losses[done:t], smoothed_all[done:t] = raw, smoothed
         steps = np.arange(done, t)
         sink.series(steps, {"train/lr": lrs[done:t], "train/loss": raw, "train/smoothed_loss": smoothed})
         bad = np.flatnonzero(~np.isfinite(raw))
@@ -86,9 +94,9 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, b
             row = {"epoch": epoch, "step": t - 1, "train_loss": loss_sum.item() / seen,
                    "train_accuracy": correct.item() / seen, "val_loss": val_loss, "val_accuracy": val_acc}
             rows.append(row)
-            sink.series([t - 1], {"val/loss": [val_loss], "val/accuracy": [val_acc],
+            sink.points([t - 1], {"val/loss": [val_loss], "val/accuracy": [val_acc],
                                   "train/epoch_loss": [row["train_loss"]],
                                   "train/epoch_accuracy": [row["train_accuracy"]]})
             bar.set_postfix(epoch=epoch, val_acc=f"{val_acc:.3f}")
             epoch += 1
-    return TrainResult(pd.DataFrame(rows), lrs, time.perf_counter() - start_time)
+    return TrainResult(pd.DataFrame(rows), lrs, losses, smoothed_all, time.perf_counter() - start_time)

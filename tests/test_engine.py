@@ -115,3 +115,35 @@ def test_resnet18_cifar_keeps_resolution_in_the_stem():
     assert m(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
     with pytest.raises(ValueError, match="small_cnn"):
         build_model("vgg", 10)
+
+
+class Recorder:
+    """A sink that keeps everything it is sent, to compare what two loops report."""
+
+    def __init__(self):
+        self.sent = {}
+
+    def series(self, steps, values):
+        for k, v in values.items():
+            self.sent.setdefault(k, []).extend(zip(np.asarray(steps).tolist(), np.asarray(v).tolist()))
+
+    points = series
+
+
+def test_chunked_host_transfer_reports_the_same_values_as_per_iteration(small):
+    from clr_mlflow.schedules import ScheduleLR, make_schedule
+    from clr_mlflow.training import train
+
+    sent = []
+    for sync in (1, 7):
+        seed_everything(0)
+        model = build_model("small_cnn", 10)
+        opt = make_optimizer(model, "sgd", 0.01, 0.9, True, 5e-4)
+        rt, tr = Recorder(), Recorder()
+        range_test(model, opt, make_batches(small), sweep_lrs(1e-4, 1.0, 30), sink=rt, sync_every=sync)
+        held = make_batches(small, augment=False)
+        sched = ScheduleLR(opt, make_schedule("triangular", 0.01, 0.1, 4, 16))
+        train(model, opt, sched, make_batches(small), held, 16, sink=tr, sync_every=sync)
+        sent.append((rt.sent, tr.sent))
+    assert sent[0] == sent[1]
+    assert [s for s, _ in sent[0][1]["train/lr"]] == list(range(16))

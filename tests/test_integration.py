@@ -170,3 +170,19 @@ def test_bounds_from_a_run_without_a_table_is_refused(store, base):
 def test_nan_free_numbers_in_the_summary(range_run):
     cfg, out = range_run
     assert out.run_id in out.summary() and not math.isnan(out.bounds[0])
+
+
+def test_a_diverging_training_keeps_everything_up_to_the_failure(store, base):
+    from clr_mlflow.training import TrainingDiverged
+
+    cfg = Config(**base, limit_train=320, limit_test=100, policy="fixed", base_lr=1e6, max_lr=2e6, iterations=40,
+                 experiment="it_fail")
+    with pytest.raises(TrainingDiverged, match="not finite") as failure:
+        execute(cfg, "train")
+    run = mlflow.search_runs(experiment_names=["it_fail"]).iloc[0]
+    assert run["status"] == "FAILED"
+    steps, raw = history(run["run_id"], "train/loss")
+    assert len(steps) >= 1 and list(steps) == list(range(len(steps)))
+    first_bad = int(np.flatnonzero(~np.isfinite(raw))[0])
+    assert f"at iteration {first_bad}:" in str(failure.value)
+    assert len(history(run["run_id"], "train/lr")[0]) == len(steps)

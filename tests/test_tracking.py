@@ -31,3 +31,11 @@ def test_everything_before_an_error_reaches_mlflow(tracking):
     steps, values = history(run.info.run_id, "x/loss")
     assert steps == list(range(37)) and values == [float(s) for s in range(37)]
     assert MlflowClient().get_run(run.info.run_id).info.status == "FAILED"
+
+
+def test_log_every_thins_series_but_not_points(tracking):
+    with mlflow.start_run() as run, MetricBuffer(run.info.run_id, log_every=5) as buf:
+        buf.series(np.arange(23), {"x/lr": np.arange(23) * 1.0})
+        buf.points([3, 7], {"x/acc": [0.1, 0.2]})
+    assert history(run.info.run_id, "x/lr")[0] == [0, 5, 10, 15, 20]
+    assert history(run.info.run_id, "x/acc")[0] == [3, 7]
