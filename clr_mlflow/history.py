@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 
 import mlflow
 import numpy as np
@@ -53,6 +54,21 @@ def range_curve(run_id: str) -> pd.DataFrame | None:
     return pd.read_csv(io.StringIO(text))
 
 
-def finite(values) -> np.ndarray:
-    v = np.asarray(values, dtype=float)
-    return v[np.isfinite(v)]
+@dataclass(frozen=True)
+class RunRecord:
+    run_id: str
+    experiment: str
+    params: dict[str, str]
+    metrics: dict[str, float]
+    tags: dict[str, str]
+
+
+def run_record(run_id: str) -> RunRecord:
+    """A run's params, metrics, tags and experiment name; ValueError if there is no such run."""
+    client = MlflowClient()
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        raise ValueError(f"Expected RUN_ID to name an existing run, but got {run_id!r}") from None
+    experiment = client.get_experiment(run.info.experiment_id).name
+    return RunRecord(run_id, experiment, dict(run.data.params), dict(run.data.metrics), dict(run.data.tags))

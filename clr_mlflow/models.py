@@ -62,7 +62,35 @@ def smith_cifar(num_classes: int = 10, image_size: int = 32) -> nn.Module:
     )
 
 
-MODELS = {"small_cnn": small_cnn, "resnet18": resnet18_cifar, "smith_cifar": smith_cifar}
+class _Residual(nn.Sequential):
+    def forward(self, x):
+        return x + super().forward(x)
+
+
+class _Scale(nn.Module):
+    def __init__(self, factor: float):
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x):
+        return x * self.factor
+
+
+def fast_net(num_classes: int = 10, image_size: int = 32) -> nn.Module:
+    """A ResNet-9-style network for short, large-lr schedules: four conv-BN-ReLU stages
+    (64, 128, 256, 512 channels) with a residual pair after the 2nd and 4th, max-pool
+    between stages, global max-pool, and a linear head scaled by 1/8 so early logits stay
+    small at the high learning rates one-cycle reaches. 6.6M weights."""
+    return nn.Sequential(
+        _conv_bn(3, 64),
+        _conv_bn(64, 128), nn.MaxPool2d(2), _Residual(_conv_bn(128, 128), _conv_bn(128, 128)),
+        _conv_bn(128, 256), nn.MaxPool2d(2),
+        _conv_bn(256, 512), nn.MaxPool2d(2), _Residual(_conv_bn(512, 512), _conv_bn(512, 512)),
+        nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(512, num_classes, bias=False), _Scale(0.125),
+    )
+
+
+MODELS = {"small_cnn": small_cnn, "resnet18": resnet18_cifar, "smith_cifar": smith_cifar, "fast": fast_net}
 
 
 def build_model(name: str, num_classes: int, image_size: int = 32) -> nn.Module:

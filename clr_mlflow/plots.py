@@ -88,35 +88,29 @@ def _policy_palette(policies) -> dict:
     return dict(zip(names, sns.color_palette("deep", len(names))))
 
 
-def compare_accuracy_figure(series: pd.DataFrame) -> plt.Figure:
-    """Test accuracy vs iteration, one line per run, coloured by policy.
-    `series`: columns run, policy, step, value."""
+def _runs_overlay(series: pd.DataFrame, ylabel: str, title: str, step_offset: int = 0, **style) -> plt.Figure:
+    """One line per run, coloured by policy. `series`: columns run, policy, step, value."""
     fig, ax = plt.subplots(figsize=(9, 5))
     colors = _policy_palette(series["policy"])
     for (run, policy), g in series.groupby(["run", "policy"], sort=False):
-        ax.plot(g["step"] + 1, g["value"], "o-", ms=2.5, lw=1.3, color=colors[str(policy)], label=f"{policy} ({run[:8]})")
+        ax.plot(g["step"] + step_offset, g["value"], color=colors[str(policy)], label=f"{policy} ({run[:8]})", **style)
     ax.set_xlabel("iteration")
-    ax.set_ylabel("test accuracy")
-    ax.set_title("Test accuracy per run")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     if len(series):
         ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def compare_accuracy_figure(series: pd.DataFrame) -> plt.Figure:
+    """Test accuracy vs iterations run (step + 1), one line per run, coloured by policy."""
+    return _runs_overlay(series, "test accuracy", "Test accuracy per run", step_offset=1, marker="o", ms=2.5, lw=1.3)
 
 
 def compare_lr_figure(series: pd.DataFrame) -> plt.Figure:
-    """The runs' lr schedules overlaid. `series`: columns run, policy, step, value."""
-    fig, ax = plt.subplots(figsize=(9, 4.5))
-    colors = _policy_palette(series["policy"])
-    for (run, policy), g in series.groupby(["run", "policy"], sort=False):
-        ax.plot(g["step"], g["value"], lw=1.2, alpha=0.85, color=colors[str(policy)], label=f"{policy} ({run[:8]})")
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("learning rate")
-    ax.set_title("Learning-rate schedules")
-    if len(series):
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
+    """The runs' lr schedules overlaid."""
+    return _runs_overlay(series, "learning rate", "Learning-rate schedules", lw=1.2, alpha=0.85)
 
 
 def compare_range_tests_figure(curves: dict[str, pd.DataFrame], chosen: pd.DataFrame) -> plt.Figure:

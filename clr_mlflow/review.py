@@ -94,42 +94,37 @@ class Reproduction:
 def reproduce(run_id: str) -> Reproduction:
     """Run again with exactly `run_id`'s params into its experiment, tagged
     clr_mlflow.reproduces=run_id, and compare the key metrics and the range-test curve."""
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
     from .runner import execute
 
-    client = MlflowClient()
     try:
-        run = client.get_run(run_id)
-    except MlflowException:
-        raise ConfigError(f"Expected RUN_ID to name an existing run, but got {run_id!r}") from None
-    tags = run.data.tags
+        run = history.run_record(run_id)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    tags = run.tags
     command = tags.get("clr_mlflow.command") or ENTRY_TO_COMMAND.get(tags.get("mlflow.project.entryPoint", ""))
     if command is None or tags.get("clr_mlflow.kind") == "compare":
         raise ConfigError(f"Expected RUN_ID to name a range-test or training run of clr_mlflow, but {run_id} is not")
-    experiment = client.get_experiment(run.info.experiment_id).name
-    cfg = config_of_run(run.data.params, experiment)
+    cfg = config_of_run(run.params, run.experiment)
     warnings = []
     commit = tracking.git_commit()
     if tags.get("clr_mlflow.git_commit", "") != commit:
         warnings.append(f"code differs: original commit {tags.get('clr_mlflow.git_commit') or 'unknown'}, "
                         f"now {commit or 'unknown'}")
     outcome = execute(cfg, command, tags={"clr_mlflow.reproduces": run_id})
-    new = client.get_run(outcome.run_id)
-    if run.data.params.get("data.digest") != new.data.params.get("data.digest"):
-        warnings.append(f"dataset differs: digest {run.data.params.get('data.digest')} then, "
-                        f"{new.data.params.get('data.digest')} now")
-    rows = [(k, run.data.metrics.get(k, np.nan), new.data.metrics.get(k, np.nan)) for k in KEY_METRICS
-            if k in run.data.metrics or k in new.data.metrics]
+    new = history.run_record(outcome.run_id)
+    if run.params.get("data.digest") != new.params.get("data.digest"):
+        warnings.append(f"dataset differs: digest {run.params.get('data.digest')} then, "
+                        f"{new.params.get('data.digest')} now")
+    rows = [(k, run.metrics.get(k, np.nan), new.metrics.get(k, np.nan)) for k in KEY_METRICS
+            if k in run.metrics or k in new.metrics]
     metrics = pd.DataFrame(rows, columns=["metric", "original", "reproduction"])
     metrics["difference"] = metrics["reproduction"] - metrics["original"]
-    identical, note = _same_curve(client, run_id, outcome.run_id)
+    identical, note = _same_curve(run_id, outcome.run_id)
     return Reproduction(run_id, outcome, metrics, warnings, identical, note)
 
 
-def _same_curve(client, a: str, b: str) -> tuple[bool | None, str]:
-    old, new = (history.metric_series(r, "range_test/loss", client) for r in (a, b))
+def _same_curve(a: str, b: str) -> tuple[bool | None, str]:
+    old, new = (history.metric_series(r, "range_test/loss") for r in (a, b))
     if old.empty and new.empty:
         return None, "no range test in this run"
     if len(old) == len(new) and np.array_equal(old["value"].to_numpy(), new["value"].to_numpy()):

@@ -18,7 +18,7 @@ from .engine import make_optimizer, pick_device, seed_everything
 from .models import build_model
 from .presets import apply_preset
 from .range_test import RangeTestResult, range_test
-from .schedules import CyclicLR, ScheduleLR, make_schedule
+from .schedules import CLR_MODES, CyclicLR, ScheduleLR, make_schedule
 from .training import TrainResult, train
 
 
@@ -109,7 +109,6 @@ def _range_test_phase(cfg, model, optimizer, train_b, test_b, num_iters, sink):
     lrs = sweep_lrs(cfg.lr_start, cfg.lr_end, num_iters, cfg.sweep)
     result = range_test(model, optimizer, train_b, lrs, beta=cfg.beta, diverge=cfg.diverge,
                         held_out=test_b if cfg.eval_every else None, eval_every=cfg.eval_every, sink=sink)
-    sink.flush()
     suggestions = suggest_bounds(result.lrs, result.smoothed, result.eval_lrs, result.accuracies, cfg.bounds_divisor)
     table = bounds_frame(suggestions, cfg.bounds_rule)
     curve = result.to_frame()
@@ -131,7 +130,7 @@ def _train_phase(cfg, net, model, optimizer, train_b, test_b, out: Outcome, sink
     ipe = len(train_b)
     step_size = cfg.step_size or max(1, round(cfg.step_epochs * ipe))
     total = cfg.iterations or (cfg.epochs * ipe if cfg.epochs > 0 else cfg.cycles * 2 * step_size)
-    if cfg.epochs > 0 and not cfg.iterations and total % (2 * step_size) and cfg.policy in ("triangular", "triangular2", "exp_range"):
+    if cfg.epochs > 0 and not cfg.iterations and total % (2 * step_size) and cfg.policy in CLR_MODES:
         print(f"note: epochs={cfg.epochs} is {total / (2 * step_size):.2f} cycles of {2 * step_size} iterations; "
               "the paper advises whole cycles (use cycles instead of epochs)")
     schedule = make_schedule(cfg.policy, base_lr, max_lr, step_size, total, cfg.gamma, cfg.anneal_frac,
@@ -148,14 +147,9 @@ def _train_phase(cfg, net, model, optimizer, train_b, test_b, out: Outcome, sink
     tracking.set_tags({"policy": cfg.policy, "bounds_rule": rule})
     if out.range_test is None:
         tracking.log_metrics({"bounds/base_lr": base_lr, "bounds/max_lr": max_lr})
-    for group in optimizer.param_groups:
-        group["lr"] = base_lr
     momentum = (cfg.base_momentum, cfg.max_momentum) if cfg.cycle_momentum else None
     scheduler = ScheduleLR(optimizer, schedule, momentum)
-    try:
-        result = train(net, optimizer, scheduler, train_b, test_b, total, beta=cfg.beta, sink=sink)
-    finally:
-        sink.flush()
+    result = train(net, optimizer, scheduler, train_b, test_b, total, beta=cfg.beta, sink=sink)
     cycle_len = 2 * step_size if isinstance(schedule, CyclicLR) else None
     tracking.log_figure(plots.schedule_figure(result.lrs, cycle_len), "train/schedule.png")
     tracking.log_figure(plots.training_figure(result.epochs, result.lrs), "train/curves.png")

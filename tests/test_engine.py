@@ -109,6 +109,12 @@ def test_state_is_restored_when_the_loop_raises(small):
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
+@pytest.mark.parametrize("name", ["small_cnn", "resnet18", "smith_cifar", "fast"])
+def test_every_model_maps_images_to_class_scores(name):
+    assert build_model(name, 7)(torch.zeros(2, 3, 32, 32)).shape == (2, 7)
+    assert build_model(name, 7, image_size=40)(torch.zeros(2, 3, 40, 40)).shape == (2, 7)
+
+
 def test_resnet18_cifar_keeps_resolution_in_the_stem():
     m = resnet18_cifar(10)
     assert m.conv1.kernel_size == (3, 3) and m.conv1.stride == (1, 1)

@@ -16,27 +16,25 @@ def formula(t, base, top, step, mode, gamma=1.0):
     return base + (top - base) * max(0.0, 1 - x) * scale
 
 
-def torch_cyclic(n, base, top, step, mode, gamma=1.0):
-    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=base)
-    sched = torch.optim.lr_scheduler.CyclicLR(opt, base, top, step_size_up=step, mode=mode, gamma=gamma,
-                                              cycle_momentum=False)
+def lrs_seen(n, make_scheduler, lr):
+    """The lr an optimizer step sees at each of n iterations under a scheduler."""
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
+    sched = make_scheduler(opt)
     out = []
     for _ in range(n):
         out.append(opt.param_groups[0]["lr"])
         opt.step()
         sched.step()
     return np.array(out)
+
+
+def torch_cyclic(n, base, top, step, mode, gamma=1.0):
+    return lrs_seen(n, lambda opt: torch.optim.lr_scheduler.CyclicLR(
+        opt, base, top, step_size_up=step, mode=mode, gamma=gamma, cycle_momentum=False), base)
 
 
 def ours_through_scheduler(n, schedule):
-    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=schedule.base_lr)
-    sched = ScheduleLR(opt, schedule)
-    out = []
-    for _ in range(n):
-        out.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
-    return np.array(out)
+    return lrs_seen(n, lambda opt: ScheduleLR(opt, schedule), schedule.base_lr)
 
 
 @pytest.mark.parametrize("mode,gamma", [("triangular", 1.0), ("triangular2", 1.0), ("exp_range", 0.999)])
