@@ -39,6 +39,8 @@ def metric_series(run_id: str, key: str, client: MlflowClient | None = None) -> 
 
 def bounds_tables(experiment_id: str, run_ids: list[str]) -> pd.DataFrame:
     """Every listed run's bounds table, with a run_id column (runs without one are skipped)."""
+    if not run_ids:
+        return pd.DataFrame(columns=["rule", "base_lr", "max_lr", "selected", "note", "run_id"])
     try:
         return MlflowClient().load_table(experiment_id, BOUNDS_TABLE, run_ids=list(run_ids), extra_columns=["run_id"])
     except MlflowException:

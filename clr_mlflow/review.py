@@ -11,7 +11,7 @@ import pandas as pd
 
 from . import history, plots, tracking
 from .compare import leaderboard, verdict
-from .config import Config, ConfigError
+from .config import RANGE, Config, ConfigError
 
 ENTRY_TO_COMMAND = {"main": "run", "range_test": "range-test", "train": "train"}
 KEY_METRICS = ["bounds/base_lr", "bounds/max_lr", "range_test/iterations", "test/accuracy", "test/best_accuracy",
@@ -40,7 +40,8 @@ def compare_experiment(experiment: str, target: float = 0.0, log_run: bool = Tru
         if policy[run_id] is not None and not pd.isna(policy[run_id]):
             lr = history.metric_series(run_id, "train/lr")
             lrs.append(lr.assign(run=run_id, policy=policy[run_id]))
-    tables = history.bounds_tables(experiment_id, ids)
+    kinds = runs["tags.clr_mlflow.kind"] if "tags.clr_mlflow.kind" in runs else pd.Series("", index=runs.index)
+    tables = history.bounds_tables(experiment_id, list(runs.loc[kinds.fillna("").str.contains(RANGE), "run_id"]))
     curves = {r: c for r in ids if (c := history.range_curve(r)) is not None}
     read_seconds = time.perf_counter() - t0
 

@@ -95,6 +95,7 @@ def execute(cfg: Config, command: str, tags: dict | None = None) -> Outcome:
             t0 = time.perf_counter()
             out.range_test, out.bounds = _range_test_phase(cfg, net, optimizer, train_b, test_b, num_iters, sink)
             out.range_test_seconds = time.perf_counter() - t0
+            tracking.log_metrics({"time/range_test_seconds": out.range_test_seconds})
         else:
             out.bounds = given
         if TRAIN in phases:
@@ -156,7 +157,8 @@ def _train_phase(cfg, net, model, optimizer, train_b, test_b, out: Outcome, sink
     tracking.log_frame_csv(result.epochs, "train/epochs.csv")
     tracking.log_frame_csv(result.to_frame(), "train/curve.csv")
     tracking.log_metrics({"test/accuracy": result.final_accuracy, "test/best_accuracy": result.best_accuracy,
-                        "time/train_seconds": result.seconds, "time/range_test_seconds": out.range_test_seconds})
+                        "time/train_seconds": result.seconds}
+                       | ({"time/range_test_seconds": 0.0} if out.range_test is None else {}))
     if cfg.save_model:
         tracking.log_state_dict(model.state_dict(), "train/model.pt")
     return result

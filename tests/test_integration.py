@@ -82,6 +82,7 @@ def test_range_test_params_tags_and_chosen_bounds(range_run):
     base_lr, max_lr, _ = out.bounds
     assert run.data.metrics["bounds/base_lr"] == pytest.approx(base_lr)
     assert run.data.metrics["bounds/max_lr"] == pytest.approx(max_lr) == pytest.approx(4 * base_lr)
+    assert run.data.metrics["time/range_test_seconds"] == pytest.approx(out.range_test_seconds)
 
 
 def test_bounds_table_through_load_table_and_artifacts(range_run):

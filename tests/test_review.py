@@ -64,6 +64,7 @@ def test_leaderboard_equals_what_the_runs_logged(runs):
     assert board.loc[runs["fixed"].run_id, "iters_to_target"] == first + 1
     assert np.isnan(board.loc[runs["range"].run_id, "best_accuracy"])
     assert board.loc[runs["range"].run_id, "max_lr"] == runs["range"].bounds[1]
+    assert board.loc[runs["range"].run_id, "wall_seconds"] == pytest.approx(runs["range"].range_test_seconds)
     assert "FAILED" in set(board["status"])
     assert list(result.board["best_accuracy"].dropna()) == sorted(result.board["best_accuracy"].dropna(), reverse=True)
 
