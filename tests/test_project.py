@@ -135,3 +135,20 @@ def test_sweep_script_trains_every_policy_and_compares(store_env, cifar, data_di
     range_id = runs.loc[runs["tags.clr_mlflow.kind"] == "range_test", "run_id"].iloc[0]
     assert set(trained["params.bounds_source"]) == {f"run:{range_id}"}
     assert "best:" in res.stdout
+
+
+def test_cli_range_test_then_reproduce_and_compare(store_env, cifar, data_dir):
+    args = ["--data", str(cifar), "--data-dir", str(data_dir), "--limit-train", "256", "--limit-test", "64",
+            "--batch-size", "32", "--num-iters", "12", "--lr-start", "1e-4", "--lr-end", "1", "--experiment", "cli"]
+    first = cli("range-test", *args, env=store_env)
+    assert first.returncode == 0, first.stderr[-2000:]
+    run_id = first.stdout.strip().splitlines()[-1].split()[1]
+    again = cli("reproduce", run_id, env=store_env)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "range-test curve identical (12 iterations)" in again.stdout
+    assert f"clr_mlflow.reproduces={run_id}" in again.stdout
+    board = cli("compare", "--experiment", "cli", "--log-run", "false", env=store_env)
+    assert board.returncode == 0 and "read 2 runs" in board.stdout
+    assert cli("reproduce", "0" * 32, env=store_env).returncode == 2
+    missing = cli("compare", "--experiment", "nope", env=store_env)
+    assert missing.returncode == 1 and missing.stderr.strip().splitlines()[-1].startswith("Error:")
