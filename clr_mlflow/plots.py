@@ -13,6 +13,16 @@ import seaborn as sns  # noqa: E402
 sns.set_theme(style="whitegrid", context="notebook")
 
 
+def _finish(fig: plt.Figure, ax: plt.Axes, xlabel: str, ylabel: str, title: str, legend: bool) -> plt.Figure:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if legend:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def range_test_figure(curve: pd.DataFrame, bounds: pd.DataFrame, log_x: bool = True) -> plt.Figure:
     """Smoothed loss vs lr (raw loss faint), each rule's max_lr marked, chosen bounds shaded,
     held-out accuracy on a twin axis when it was measured."""
@@ -56,11 +66,7 @@ def schedule_figure(lrs: np.ndarray, cycle_len: int | None) -> plt.Figure:
     if cycle_len:
         for b in range(cycle_len, len(lrs), cycle_len):
             ax.axvline(b, color="grey", ls=":", lw=1)
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("learning rate")
-    ax.set_title("Learning-rate schedule")
-    fig.tight_layout()
-    return fig
+    return _finish(fig, ax, "iteration", "learning rate", "Learning-rate schedule", legend=False)
 
 
 def training_figure(epochs: pd.DataFrame, lrs: np.ndarray) -> plt.Figure:
@@ -94,13 +100,7 @@ def _runs_overlay(series: pd.DataFrame, ylabel: str, title: str, step_offset: in
     colors = _policy_palette(series["policy"])
     for (run, policy), g in series.groupby(["run", "policy"], sort=False):
         ax.plot(g["step"] + step_offset, g["value"], color=colors[str(policy)], label=f"{policy} ({run[:8]})", **style)
-    ax.set_xlabel("iteration")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    if len(series):
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
+    return _finish(fig, ax, "iteration", ylabel, title, legend=len(series) > 0)
 
 
 def compare_accuracy_figure(series: pd.DataFrame) -> plt.Figure:
@@ -124,13 +124,8 @@ def compare_range_tests_figure(curves: dict[str, pd.DataFrame], chosen: pd.DataF
         if len(row) and np.isfinite(row["max_lr"].iloc[0]):
             ax.axvspan(row["base_lr"].iloc[0], row["max_lr"].iloc[0], color=color, alpha=0.08)
     ax.set_xscale("log")
-    ax.set_xlabel("learning rate")
-    ax.set_ylabel("smoothed training loss")
-    ax.set_title("Range tests (shaded: chosen bounds)")
-    if curves:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
+    return _finish(fig, ax, "learning rate", "smoothed training loss", "Range tests (shaded: chosen bounds)",
+                   legend=bool(curves))
 
 
 def compare_bounds_figure(tables: pd.DataFrame) -> plt.Figure:
@@ -149,9 +144,5 @@ def compare_bounds_figure(tables: pd.DataFrame) -> plt.Figure:
         ax.plot([], [], color=color, lw=3, label=rule)
     ax.set_xscale("log")
     ax.set_yticks(range(len(runs)), [r[:8] for r in runs])
-    ax.set_xlabel("learning rate (base_lr - max_lr)")
-    ax.set_title("Suggested bounds per run and rule (thick: chosen)")
-    if rules:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
+    return _finish(fig, ax, "learning rate (base_lr - max_lr)", "run", "Suggested bounds per run and rule (thick: chosen)",
+                   legend=bool(rules))
