@@ -42,6 +42,11 @@ def _execute(command: str, kwargs: dict) -> None:
     except (NoBounds, TrainingDiverged) as e:
         click.echo(f"Error: {e}", err=True)
         sys.exit(1)
+    if outcome.bounds_table is not None:
+        import pandas as pd
+
+        with pd.option_context("display.width", 200, "display.max_colwidth", 70, "display.float_format", "{:.4g}".format):
+            click.echo(outcome.bounds_table.to_string(index=False))
     click.echo(outcome.summary())
 
 

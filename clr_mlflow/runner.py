@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import pandas as pd
 import torch
 
 from . import data as data_mod
@@ -31,6 +32,7 @@ class Outcome:
     run_id: str
     config: Config  # with the preset applied
     range_test: RangeTestResult | None = None
+    bounds_table: pd.DataFrame | None = None
     bounds: tuple[float, float, str] | None = None  # base_lr, max_lr, rule
     training: TrainResult | None = None
     range_test_seconds: float = 0.0
@@ -93,7 +95,8 @@ def execute(cfg: Config, command: str, tags: dict | None = None) -> Outcome:
                             | {f"effective.{k}": v for k, v in from_preset.items()})
         if RANGE in phases:
             t0 = time.perf_counter()
-            out.range_test, out.bounds = _range_test_phase(cfg, net, optimizer, train_b, test_b, num_iters, sink)
+            out.range_test, out.bounds_table, out.bounds = _range_test_phase(cfg, net, optimizer, train_b, test_b,
+                                                                             num_iters, sink)
             out.range_test_seconds = time.perf_counter() - t0
             tracking.log_metrics({"time/range_test_seconds": out.range_test_seconds})
         else:
@@ -121,9 +124,9 @@ def _range_test_phase(cfg, model, optimizer, train_b, test_b, num_iters, sink):
     tracking.log_metrics({"range_test/iterations": len(result.lrs)})
     if not chosen.ok:
         print(f"bounds_rule {cfg.bounds_rule} gave no suggestion: {chosen.note}")
-        return result, None
+        return result, table, None
     tracking.log_metrics({"bounds/base_lr": chosen.base_lr, "bounds/max_lr": chosen.max_lr})
-    return result, (chosen.base_lr, chosen.max_lr, cfg.bounds_rule)
+    return result, table, (chosen.base_lr, chosen.max_lr, cfg.bounds_rule)
 
 
 def _train_phase(cfg, net, model, optimizer, train_b, test_b, out: Outcome, sink) -> TrainResult:
