@@ -50,6 +50,9 @@ class Batches:
             dx = torch.randint(0, 2 * PAD + 1, (b,), device=self.device, generator=g)
             flip = torch.rand(b, device=self.device, generator=g) < 0.5
             x = crop_flip(x, dy, dx, flip)
+        return self._normalise(x)
+
+    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
         x = (x.float() / 255.0 - self.mean) / self.std
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
@@ -67,8 +70,7 @@ class Batches:
     def ordered(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Every item once, in order, no augmentation, last batch partial: for evaluation."""
         for i in range(0, len(self.y), self.batch_size):
-            x = (self.x[i:i + self.batch_size].float() / 255.0 - self.mean) / self.std
-            yield (x.contiguous(memory_format=torch.channels_last) if self.channels_last else x), self.y[i:i + self.batch_size]
+            yield self._normalise(self.x[i:i + self.batch_size]), self.y[i:i + self.batch_size]
 
 
 def channel_stats(split: Split) -> tuple[torch.Tensor, torch.Tensor]:

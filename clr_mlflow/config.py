@@ -16,6 +16,7 @@ DEVICES = ("auto", "cpu", "cuda")
 
 RANGE, TRAIN = "range_test", "train"  # the two phases a parameter can belong to
 COMMANDS = {"range-test": (RANGE,), "train": (TRAIN,), "run": (RANGE, TRAIN)}  # command -> its phases
+ENTRY_POINTS = {"main": "run", "range_test": "range-test", "train": "train"}  # MLproject entry point -> command
 
 
 class ConfigError(ValueError):

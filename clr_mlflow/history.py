@@ -56,6 +56,22 @@ def range_curve(run_id: str) -> pd.DataFrame | None:
     return pd.read_csv(io.StringIO(text))
 
 
+def chosen_bounds(run_id: str) -> tuple[float, float, str]:
+    """(base_lr, max_lr, rule) chosen by an earlier run's range test. ValueError with a
+    one-line reason when the run or its table does not exist or made no choice."""
+    try:
+        run = MlflowClient().get_run(run_id)
+    except MlflowException:
+        raise ValueError(f"Expected bounds_from to name an existing run, but got {run_id!r}") from None
+    table = bounds_tables(run.info.experiment_id, [run_id])
+    if table.empty:
+        raise ValueError(f"Expected bounds_from run {run_id} to have a {BOUNDS_TABLE} table, but it has none")
+    row = table[table["selected"].astype(bool)]
+    if row.empty or not np.isfinite(row["max_lr"].iloc[0]):
+        raise ValueError(f"Expected bounds_from run {run_id} to have chosen bounds, but its chosen rule gave none")
+    return float(row["base_lr"].iloc[0]), float(row["max_lr"].iloc[0]), str(row["rule"].iloc[0])
+
+
 @dataclass(frozen=True)
 class RunRecord:
     run_id: str

@@ -11,9 +11,8 @@ import pandas as pd
 
 from . import history, plots, tracking
 from .compare import leaderboard, verdict
-from .config import RANGE, Config, ConfigError
+from .config import ENTRY_POINTS, RANGE, Config, ConfigError
 
-ENTRY_TO_COMMAND = {"main": "run", "range_test": "range-test", "train": "train"}
 KEY_METRICS = ["bounds/base_lr", "bounds/max_lr", "range_test/iterations", "test/accuracy", "test/best_accuracy",
                "time/range_test_seconds", "time/train_seconds"]
 
@@ -102,7 +101,7 @@ def reproduce(run_id: str) -> Reproduction:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     tags = run.tags
-    command = tags.get("clr_mlflow.command") or ENTRY_TO_COMMAND.get(tags.get("mlflow.project.entryPoint", ""))
+    command = tags.get("clr_mlflow.command") or ENTRY_POINTS.get(tags.get("mlflow.project.entryPoint", ""))
     if command is None or tags.get("clr_mlflow.kind") == "compare":
         raise ConfigError(f"Expected RUN_ID to name a range-test or training run of clr_mlflow, but {run_id} is not")
     cfg = config_of_run(run.params, run.experiment)

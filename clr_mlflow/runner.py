@@ -10,7 +10,7 @@ import pandas as pd
 import torch
 
 from . import data as data_mod
-from . import plots, tracking
+from . import history, plots, tracking
 from .batches import Batches, channel_stats
 from .bounds import bounds_frame, suggest_bounds
 from .config import COMMANDS, RANGE, TRAIN, Config, ConfigError, validate
@@ -61,7 +61,7 @@ def execute(cfg: Config, command: str, tags: dict | None = None) -> Outcome:
     given = (cfg.base_lr, cfg.max_lr, "preset" if "max_lr" in from_preset else "given") if cfg.max_lr > 0 else None
     if TRAIN in phases and cfg.bounds_from:
         try:
-            given = tracking.chosen_bounds(cfg.bounds_from)
+            given = history.chosen_bounds(cfg.bounds_from)
         except ValueError as e:
             raise ConfigError(str(e)) from None
     if given and RANGE in phases:

@@ -148,28 +148,6 @@ def log_table(table: pd.DataFrame, path: str) -> None:
     mlflow.log_table(table, artifact_file=path)
 
 
-def chosen_bounds(run_id: str) -> tuple[float, float, str]:
-    """(base_lr, max_lr, rule) chosen by an earlier run's range test. Raises ValueError
-    with a one-line reason when the run or its table does not exist or has no choice."""
-    from mlflow.exceptions import MlflowException
-
-    client = MlflowClient()
-    try:
-        run = client.get_run(run_id)
-    except MlflowException:
-        raise ValueError(f"Expected bounds_from to name an existing run, but got {run_id!r}") from None
-    try:
-        table = client.load_table(run.info.experiment_id, BOUNDS_TABLE, run_ids=[run_id])
-    except MlflowException:
-        table = pd.DataFrame()
-    if table.empty:
-        raise ValueError(f"Expected bounds_from run {run_id} to have a {BOUNDS_TABLE} table, but it has none")
-    row = table[table["selected"].astype(bool)]
-    if row.empty or not np.isfinite(row["max_lr"].iloc[0]):
-        raise ValueError(f"Expected bounds_from run {run_id} to have chosen bounds, but its chosen rule gave none")
-    return float(row["base_lr"].iloc[0]), float(row["max_lr"].iloc[0]), str(row["rule"].iloc[0])
-
-
 def log_state_dict(state_dict: dict, path: str) -> None:
     """Save a plain state_dict with torch.save and log it at `path` (a folder/file.pt)."""
     import tempfile

@@ -11,9 +11,8 @@ import typing
 from dataclasses import fields
 from pathlib import Path
 
-from clr_mlflow.config import COMMANDS, Config
+from clr_mlflow.config import COMMANDS, ENTRY_POINTS, Config
 
-ENTRY_POINTS = {"main": "run", "range_test": "range-test", "train": "train"}
 EXTRA = """  compare:
     parameters:
       experiment: {type: string, default: clr_mlflow}

@@ -11,10 +11,9 @@ import yaml
 from mlflow import MlflowClient
 
 from clr_mlflow.cli import option_name
-from clr_mlflow.config import COMMANDS, Config
+from clr_mlflow.config import COMMANDS, ENTRY_POINTS, Config
 from tests.conftest import REPO
 
-ENTRY_POINTS = {"main": "run", "range_test": "range-test", "train": "train"}
 
 
 def mlproject():
