@@ -2,14 +2,17 @@
 to docs/BENCHMARKS.md. Speed is measured here, never in the tests.
 
     pip install torch-lr-finder          # the peer, for row 3 only
-    python scripts/bench.py              # all CPU rows (GPU rows too when CUDA is there)
-    python scripts/bench.py --repeats 7 --out docs/BENCHMARKS.md
+    python scripts/bench.py              # all CPU rows (GPU rows 4g and 5 too when CUDA is there)
+    python scripts/bench.py --only 4g,5  # the GPU rows (scripts/gpu_bench.sh runs this on a GPU machine)
+
+Rows measured by an earlier invocation stay in the file until the same row is measured
+again, so CPU rows and GPU rows (made on different machines) live side by side; each row
+names the machine and the command that made it.
 """
 from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -33,6 +36,7 @@ from clr_mlflow.schedules import ScheduleLR, make_schedule  # noqa: E402
 from clr_mlflow.training import train  # noqa: E402
 
 CPU = torch.device("cpu")
+CUDA = torch.device("cuda")
 
 
 def alternate(a, b, repeats: int) -> tuple[float, float]:
@@ -74,10 +78,10 @@ def bench_tracking_overhead(ds, store, repeats):
     mean, std = channel_stats(ds.train)
     held = Batches(ds.test, 500, CPU, mean, std, False, 0)
     run = store.mlflow.start_run()  # made once: creating a run is not part of the loop
-    for label, make, batch, iters, augment, log_every in (
-            ("small CNN, batch 128", lambda: build_model("small_cnn", 10), 128, 60, True, 1),
-            ("tiny MLP, batch 32, no augmentation (~1 ms step)", tiny_mlp, 32, 2000, False, 1),
-            ("tiny MLP as above, log_every=10 (CSV keeps every iteration)", tiny_mlp, 32, 2000, False, 10)):
+    for row, label, make, batch, iters, augment, log_every in (
+            ("1a", "small CNN, batch 128", lambda: build_model("small_cnn", 10), 128, 60, True, 1),
+            ("1b", "tiny MLP, batch 32, no augmentation (~1 ms step)", tiny_mlp, 32, 2000, False, 1),
+            ("1c", "tiny MLP as above, log_every=10 (CSV keeps every iteration)", tiny_mlp, 32, 2000, False, 10)):
         def loop(tracked):
             seed_everything(0)
             model = make()
@@ -92,7 +96,7 @@ def bench_tracking_overhead(ds, store, repeats):
         t_on, t_off = alternate(lambda: loop(True), lambda: loop(False), repeats)
         step_ms = 1000 * t_off / iters
         what = "every iteration tracked" if log_every == 1 else f"every {log_every}th iteration tracked"
-        rows.append((f"1. Tracking overhead: {label}, {iters} iterations, {what} vs off",
+        rows.append((f"{row}. Tracking overhead: {label}, {iters} iterations, {what} vs off",
                      f"{t_on:.3f} s vs {t_off:.3f} s ({step_ms:.2f} ms/iteration)", f"ratio {t_on / t_off:.3f}",
                      "<= 1.02", t_on / t_off <= 1.02))
     store.mlflow.end_run()
@@ -199,40 +203,161 @@ def bench_range_test(ds, store, repeats):
     return rows
 
 
-def bench_data_pipeline(ds, repeats):
+def pil_loader(split, mean, std, batch: int):
+    """torchvision's usual CIFAR pipeline: PIL images, RandomCrop(32, padding=4), flip,
+    ToTensor, Normalize, in one process (so its rate is the rate of one CPU core)."""
     import torchvision.transforms as T
     from PIL import Image
-
-    mean, std = channel_stats(ds.train)
-    n_batches, batch = 20, 256
-    ours_b = Batches(ds.train, batch, CPU, mean, std, True, 0)
 
     class PilSet(torch.utils.data.Dataset):
         tf = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
                         T.Normalize(mean.tolist(), std.tolist())])
 
         def __len__(self):
-            return len(ds.train)
+            return len(split)
 
         def __getitem__(self, i):
-            return self.tf(Image.fromarray(ds.train.x[i])), int(ds.train.y[i])
+            return self.tf(Image.fromarray(split.x[i])), int(split.y[i])
 
-    loader = torch.utils.data.DataLoader(PilSet(), batch_size=batch, shuffle=True, num_workers=0, drop_last=True)
+    return torch.utils.data.DataLoader(PilSet(), batch_size=batch, shuffle=True, num_workers=0, drop_last=True)
 
-    def ours():
-        for _, (x, y) in zip(range(n_batches), ours_b.epoch()):
-            pass
 
-    def pil():
-        for _, (x, y) in zip(range(n_batches), loader):
-            pass
+def take(batches, n: int) -> int:
+    """Draw n batches; returns the number of images."""
+    seen = 0
+    for _, (x, y) in zip(range(n), batches):
+        seen += len(y)
+    return seen
 
-    t_ours, t_pil = alternate(ours, pil, repeats)
+
+def bench_data_pipeline(ds, repeats):
+    mean, std = channel_stats(ds.train)
+    n_batches, batch = 20, 256
+    ours_b = Batches(ds.train, batch, CPU, mean, std, True, 0)
+    loader = pil_loader(ds.train, mean, std, batch)
+    t_ours, t_pil = alternate(lambda: take(ours_b.epoch(), n_batches), lambda: take(loader, n_batches), repeats)
     n = n_batches * batch
     threads = torch.get_num_threads()
     return [(f"4. Data pipeline, CPU (crop 4 + flip + normalise), {n} images: ours (batched tensors, "
              f"{threads} torch threads) vs torchvision DataLoader + PIL transforms (1 process)",
              f"{n / t_ours:,.0f} vs {n / t_pil:,.0f} images/s", f"{t_pil / t_ours:.1f}x", "(GPU: >= 50x per core)", None)]
+
+
+def median_seconds(fn, repeats: int) -> tuple[float, list[float]]:
+    """fn() returns the seconds of the part it times; one warm-up call, then `repeats`."""
+    fn()
+    times = [fn() for _ in range(repeats)]
+    return statistics.median(times), times
+
+
+def bench_gpu_pipeline(full, repeats):
+    """Row 4g: one epoch of augmented batches from the GPU-resident uint8 set vs the PIL
+    loader on one core of the same machine."""
+    mean, std = channel_stats(full.train)
+    gpu = Batches(full.train, 512, CUDA, mean, std, True, 0, channels_last=True)
+    loader = pil_loader(full.train, mean, std, 256)
+
+    def ours():
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        n = take(gpu.epoch(), len(gpu))
+        torch.cuda.synchronize()
+        return (time.perf_counter() - t0) / n
+
+    def pil():
+        t0 = time.perf_counter()
+        n = take(loader, 20)
+        return (time.perf_counter() - t0) / n
+
+    per_ours, _ = median_seconds(ours, repeats)
+    per_pil, _ = median_seconds(pil, repeats)
+    ratio = per_pil / per_ours
+    return [(f"4g. Data pipeline on CUDA: one epoch ({len(gpu) * 512:,} images, crop 4 + flip + normalise, "
+             "batch 512) from the GPU-resident uint8 set vs torchvision DataLoader + PIL transforms (1 process = "
+             "1 core)", f"{1 / per_ours:,.0f} vs {1 / per_pil:,.0f} images/s", f"{ratio:,.0f}x per core",
+             ">= 50x per core", ratio >= 50)]
+
+
+def bench_gpu_resnet18(full, store, repeats):
+    """Rows 5a-5c: ResNet-18 (CIFAR stem), batch 512, bf16 autocast, channels_last, every
+    value tracked to MLflow, as `clr-mlflow` runs it."""
+    from clr_mlflow.tracking import MetricBuffer
+
+    mean, std = channel_stats(full.train)
+    train_b = Batches(full.train, 512, CUDA, mean, std, True, 0, channels_last=True)
+    test_subset = data.Split(full.test.x[:512], full.test.y[:512])
+    held = Batches(test_subset, 512, CUDA, mean, std, False, 0, channels_last=True)
+    epoch = len(train_b)
+    run = store.mlflow.start_run()
+
+    def fresh(compiled: bool = False):
+        seed_everything(0)
+        model = build_model("resnet18", 10).to(CUDA, memory_format=torch.channels_last)
+        opt = make_optimizer(model, "sgd", 1e-5, 0.9, True, 5e-4)
+        return model, (torch.compile(model) if compiled else model), opt
+
+    def range_once():
+        _, net, opt = fresh()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with MetricBuffer(run.info.run_id) as sink:  # its exit waits until MLflow stored everything
+            result = range_test(net, opt, train_b, sweep_lrs(1e-5, 1, epoch), sink=sink, diverge=1e9)
+        torch.cuda.synchronize()
+        ran.append(len(result.lrs))
+        return time.perf_counter() - t0
+
+    def train_once(compiled):
+        def once():
+            _, net, opt = fresh(compiled)
+            sched = ScheduleLR(opt, make_schedule("triangular", 0.01, 0.1, epoch // 2, epoch))
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            with MetricBuffer(run.info.run_id) as sink:
+                train(net, opt, sched, train_b, held, epoch, sink=sink)
+            torch.cuda.synchronize()
+            return time.perf_counter() - t0
+        return once
+
+    rows, ran = [], []
+    t, times = median_seconds(range_once, repeats)
+    rows.append((f"5a. Range test on CUDA: ResNet-18, one epoch ({epoch} iterations), batch 512, bf16, tracked; "
+                 f"lr 1e-5 to 1, divergence stop off (iterations run: {min(ran)}-{max(ran)})", f"{t:.2f} s (runs: "
+                 f"{', '.join(f'{x:.2f}' for x in times)})", f"{t:.2f} s", "<= 5 s", t <= 5))
+    for row, compiled in (("5b", False), ("5c", True)):
+        t, times = median_seconds(train_once(compiled), repeats)
+        rate = epoch * 512 / t
+        rows.append((f"{row}. Training on CUDA: ResNet-18, one epoch, batch 512, bf16, triangular, tracked"
+                     f"{', compile=true (compiling in the warm-up run)' if compiled else ''}",
+                     f"{t:.2f} s an epoch", f"{rate:,.0f} images/s", ">= 60,000 images/s", rate >= 60_000))
+    store.mlflow.end_run()
+    return rows
+
+
+def bench_gpu_fast(data_path: str, cache: Path, seeds: int):
+    """Row 5d: `clr-mlflow run --model fast` end to end (range test, then 10 epochs of one-cycle
+    from its loss_edge bounds: one-cycle wants max_lr near the edge of divergence, where
+    min_div10 is 10x lower), one warm-up run, then `seeds` seeds."""
+    from clr_mlflow.config import Config
+    from clr_mlflow.runner import execute
+
+    runs = []
+    for seed in range(seeds + 1):
+        cfg = Config(data=data_path, data_dir=str(cache), model="fast", batch_size=512, num_iters=80,
+                     bounds_rule="loss_edge", policy="one_cycle", epochs=10, seed=seed, experiment="bench_fast",
+                     save_model=False)
+        t0 = time.perf_counter()
+        out = execute(cfg, "run")
+        wall = time.perf_counter() - t0
+        runs.append((out.range_test_seconds + out.training.seconds, wall, out.training.final_accuracy))
+        print(f"fast seed {seed}: {runs[-1]}", flush=True)
+    timed = np.array(runs[1:])  # the first run pays CUDA and cuDNN start-up
+    clr, wall, acc = timed[:, 0], timed[:, 1], timed[:, 2]
+    met = bool(clr.mean() <= 10 and acc.min() >= 0.94)
+    return [(f"5d. `model=fast` on CUDA end to end: range test (80 iterations) + 10 epochs one-cycle from its "
+             f"loss_edge bounds, batch 512, tracked; {seeds} seeds after a warm-up run",
+             f"range test + training {clr.mean():.1f} s (sd {clr.std(ddof=1) if seeds > 1 else 0:.1f}); whole "
+             f"command {wall.mean():.1f} s", f"test accuracy {acc.mean():.4f} (min {acc.min():.4f}, max "
+             f"{acc.max():.4f})", "94% in <= 10 s", met)]
 
 
 def bench_compare_read(store):
@@ -254,52 +379,91 @@ def bench_compare_read(store):
     t0 = time.perf_counter()
     result = compare_experiment("bench_compare", log_run=True)
     total = time.perf_counter() - t0
-    return [("Compare (issue 4): 20 runs x 10,000-point train/lr histories, read + leaderboard + 4 plots "
+    return [("c. Compare (issue 4): 20 runs x 10,000-point train/lr histories, read + leaderboard + 4 plots "
              "logged", f"read {result.read_seconds:.2f} s, total {total:.2f} s", "", "quick", None)]
 
 
-def write(rows, out: Path, argv: str):
-    lines = ["# Benchmarks", "",
-             f"Made by `python scripts/bench.py {argv}`".rstrip() + f" on {platform.node() or 'this machine'}: "
-             f"{os.cpu_count()} CPU cores, torch {torch.__version__}, "
-             f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}, "
-             f"{time.strftime('%Y-%m-%d')}. A and B alternate in one process; each figure is the median "
-             "of the repeats after one warm-up run each.", "",
-             "| benchmark | A vs B | result | target | met |", "|---|---|---|---|---|"]
+ROW_ORDER = ("1a", "1b", "1c", "2", "2b", "3", "3b", "4", "4g", "5a", "5b", "5c", "5d", "c")
+GPU_ROWS = {  # shown until a CUDA machine measures them
+    "4g": ("4g. Data pipeline on CUDA vs the PIL loader per core", ">= 50x per core"),
+    "5a": ("5a. Range test on CUDA: ResNet-18, one epoch, batch 512", "<= 5 s"),
+    "5b": ("5b. Training on CUDA: ResNet-18, batch 512", ">= 60,000 images/s"),
+    "5c": ("5c. Training on CUDA: ResNet-18, batch 512, compile=true", ">= 60,000 images/s"),
+    "5d": ("5d. `model=fast` on CUDA end to end: range test + 10 epochs one-cycle", "94% in <= 10 s"),
+}
+HEADER = ["| benchmark | A vs B | result | target | met | machine | command |", "|---|---|---|---|---|---|---|"]
+
+
+def machine() -> str:
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"
+    return f"{os.cpu_count()} CPU cores{gpu}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}"
+
+
+def _row_id(cells: list[str]) -> str:
+    return cells[0].split(".", 1)[0].strip()
+
+
+def _old_rows(text: str) -> dict[str, str]:
+    """Table lines of an earlier BENCHMARKS.md in this format, by row id."""
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split(" | ")]
+        if line.startswith("| ") and len(cells) == len(HEADER[1].split("|")) - 2 and _row_id(cells) in ROW_ORDER:
+            rows[_row_id(cells)] = line
+    return rows
+
+
+def write(rows, out: Path, command: str):
+    """Rows measured now replace the same rows of `out`; the others stay, and GPU rows never
+    measured show as such. The hand-written '## Notes' below the table are kept."""
+    old_text = out.read_text() if out.exists() else ""
+    table = _old_rows(old_text)
+    for key, (name, target) in GPU_ROWS.items():
+        table.setdefault(key, f"| {name} | not measured: needs a CUDA GPU | - | {target} | - | - | - |")
     for name, ab, result, target, met in rows:
-        lines.append(f"| {name} | {ab} | {result} | {target} | {'yes' if met else ('no' if met is False else '-')} |")
+        verdict = "yes" if met else ("no" if met is False else "-")
+        table[_row_id([name])] = f"| {name} | {ab} | {result} | {target} | {verdict} | {machine()} | `{command}` |"
+    lines = ["# Benchmarks", "",
+             "Made by `scripts/bench.py`; each row names the machine and the command that measured it "
+             "(rows stay until measured again, so rows from a CPU machine and a GPU machine sit side by side). "
+             "A and B alternate in one process; each figure is the median of the repeats after one warm-up "
+             "run each.", "", *HEADER, *(table[k] for k in ROW_ORDER if k in table)]
     text = "\n".join(lines) + "\n"
-    out.write_text(text if not out.exists() else text + _notes(out))
+    notes = old_text[old_text.index("## Notes"):] if "## Notes" in old_text else ""
+    out.write_text(text + ("\n" + notes if notes else ""))
     print(text)
-
-
-def _notes(out: Path) -> str:
-    """Keep the hand-written notes below the table (everything from '## Notes' on)."""
-    old = out.read_text()
-    return "\n" + old[old.index("## Notes"):] if "## Notes" in old else ""
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--seeds", type=int, default=5, help="seeds of row 5d (after one warm-up run)")
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "cifar10"))
     parser.add_argument("--out", default=str(REPO / "docs" / "BENCHMARKS.md"))
-    parser.add_argument("--only", default="", help="comma-separated row numbers, e.g. 1,3")
+    parser.add_argument("--only", default="", help="comma-separated groups: 1, 2, 3, 4, c (CPU); 4g, 5 (CUDA)")
     args = parser.parse_args()
-    ds = data.load(args.data, REPO / "data", limit_train=5000, limit_test=500)
+    data_path = args.data if args.data == "cifar10" else str(Path(args.data).resolve())
+    cuda = torch.cuda.is_available()
+    only = set(args.only.split(",")) if args.only else {"1", "2", "3", "4", "c"} | ({"4g", "5"} if cuda else set())
+    if only & {"4g", "5"} and not cuda:
+        sys.exit("rows 4g and 5 need a CUDA GPU (scripts/gpu_bench.sh runs them on one)")
+    ds = data.load(data_path, REPO / "data", limit_train=5000, limit_test=500) if only & {"1", "3", "4"} else None
+    full = data.load(data_path, REPO / "data") if only & {"4g", "5"} else None
     store = Store()
-    only = set(args.only.split(",")) if args.only else None
     rows = []
     for key, fn in (("1", lambda: bench_tracking_overhead(ds, store, args.repeats)),
                     ("2", lambda: bench_cost_per_value(store, args.repeats)),
                     ("3", lambda: bench_range_test(ds, store, args.repeats)),
                     ("4", lambda: bench_data_pipeline(ds, args.repeats)),
+                    ("4g", lambda: bench_gpu_pipeline(full, args.repeats)),
+                    ("5", lambda: bench_gpu_resnet18(full, store, args.repeats)
+                     + bench_gpu_fast(data_path, REPO / "data", args.seeds)),
                     ("c", lambda: bench_compare_read(store))):
-        if only is None or key in only:
+        if key in only:
             rows += fn()
             print(rows[-1], flush=True)
-    argv = " ".join(a for a in sys.argv[1:] if not a.startswith("--out"))
-    write(rows, Path(args.out), argv)
+    command = " ".join(["python scripts/bench.py", *(a for a in sys.argv[1:] if not a.startswith("--out"))])
+    write(rows, Path(args.out), command)
 
 
 if __name__ == "__main__":
