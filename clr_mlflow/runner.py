@@ -15,7 +15,7 @@ from .batches import Batches, channel_stats
 from .bounds import bounds_frame, suggest_bounds
 from .config import COMMANDS, RANGE, TRAIN, Config, ConfigError, validate
 from .curve import sweep_lrs
-from .engine import make_optimizer, pick_device, seed_everything
+from .engine import make_optimizer, pick_device, seed_everything, use_fast_kernels
 from .models import build_model
 from .presets import apply_preset
 from .range_test import RangeTestResult, range_test
@@ -67,6 +67,7 @@ def execute(cfg: Config, command: str, tags: dict | None = None) -> Outcome:
     if given and RANGE in phases:
         phases = tuple(p for p in phases if p != RANGE)  # bounds known: no range test needed
     device = pick_device(cfg.device)
+    use_fast_kernels(device)
     ds = data_mod.load(cfg.data, cfg.data_dir, cfg.limit_train, cfg.limit_test, cfg.image_size, cfg.seed)
     if len(ds.train) < cfg.batch_size:
         raise ConfigError(f"Expected batch_size <= the {len(ds.train)} training images, but got {cfg.batch_size}")

@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO))
 from clr_mlflow import data  # noqa: E402
 from clr_mlflow.batches import Batches, channel_stats  # noqa: E402
 from clr_mlflow.curve import sweep_lrs  # noqa: E402
-from clr_mlflow.engine import NullSink, make_optimizer, seed_everything  # noqa: E402
+from clr_mlflow.engine import NullSink, make_optimizer, seed_everything, use_fast_kernels  # noqa: E402
 from clr_mlflow.models import build_model  # noqa: E402
 from clr_mlflow.range_test import range_test  # noqa: E402
 from clr_mlflow.schedules import ScheduleLR, make_schedule  # noqa: E402
@@ -447,6 +447,8 @@ def main():
     only = set(args.only.split(",")) if args.only else {"1", "2", "3", "4", "c"} | ({"4g", "5"} if cuda else set())
     if only & {"4g", "5"} and not cuda:
         sys.exit("rows 4g and 5 need a CUDA GPU (scripts/gpu_bench.sh runs them on one)")
+    if cuda:
+        use_fast_kernels(CUDA)  # as clr-mlflow does on CUDA
     ds = data.load(data_path, REPO / "data", limit_train=5000, limit_test=500) if only & {"1", "3", "4"} else None
     full = data.load(data_path, REPO / "data") if only & {"4g", "5"} else None
     store = Store()
