@@ -12,6 +12,7 @@ names the machine and the command that made it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
@@ -333,7 +334,23 @@ def bench_gpu_resnet18(full, store, repeats):
     return rows
 
 
-def bench_gpu_fast(data_path: str, cache: Path, seeds: int):
+def config_overrides(pairs: list[str]) -> dict:
+    """KEY=VALUE strings -> Config field values of the field's type."""
+    from dataclasses import fields
+
+    from clr_mlflow.config import Config
+
+    types = {f.name: type(f.default) for f in fields(Config)}
+    out = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        if key not in types:
+            sys.exit(f"--fast: expected KEY=VALUE with KEY a clr-mlflow parameter, but got {pair!r}")
+        out[key] = value.lower() in ("1", "true", "yes") if types[key] is bool else types[key](value)
+    return out
+
+
+def bench_gpu_fast(data_path: str, cache: Path, seeds: int, overrides: dict):
     """Row 5d: `clr-mlflow run --model fast` end to end (range test, then 10 epochs of one-cycle
     from its loss_edge bounds: one-cycle wants max_lr near the edge of divergence, where
     min_div10 is 10x lower), one warm-up run, then `seeds` seeds."""
@@ -345,6 +362,7 @@ def bench_gpu_fast(data_path: str, cache: Path, seeds: int):
         cfg = Config(data=data_path, data_dir=str(cache), model="fast", batch_size=512, num_iters=80,
                      bounds_rule="loss_edge", policy="one_cycle", epochs=10, seed=seed, experiment="bench_fast",
                      save_model=False)
+        cfg = dataclasses.replace(cfg, **overrides)
         t0 = time.perf_counter()
         out = execute(cfg, "run")
         wall = time.perf_counter() - t0
@@ -354,7 +372,8 @@ def bench_gpu_fast(data_path: str, cache: Path, seeds: int):
     clr, wall, acc = timed[:, 0], timed[:, 1], timed[:, 2]
     met = bool(clr.mean() <= 10 and acc.min() >= 0.94)
     return [(f"5d. `model=fast` on CUDA end to end: range test (80 iterations) + 10 epochs one-cycle from its "
-             f"loss_edge bounds, batch 512, tracked; {seeds} seeds after a warm-up run",
+             f"loss_edge bounds, batch 512, tracked; {seeds} seeds after a warm-up run"
+             + "".join(f", {k}={v}" for k, v in overrides.items()),
              f"range test + training {clr.mean():.1f} s (sd {clr.std(ddof=1) if seeds > 1 else 0:.1f}); whole "
              f"command {wall.mean():.1f} s", f"test accuracy {acc.mean():.4f} (min {acc.min():.4f}, max "
              f"{acc.max():.4f})", "94% in <= 10 s", met)]
@@ -438,6 +457,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seeds", type=int, default=5, help="seeds of row 5d (after one warm-up run)")
+    parser.add_argument("--fast", action="append", default=[], metavar="KEY=VALUE",
+                        help="row 5d: change a clr-mlflow parameter of the fast run (repeatable)")
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "cifar10"))
     parser.add_argument("--out", default=str(REPO / "docs" / "BENCHMARKS.md"))
     parser.add_argument("--only", default="", help="comma-separated groups: 1, 2, 3, 4, c (CPU); 4g, 5 (CUDA)")
@@ -459,7 +480,7 @@ def main():
                     ("4", lambda: bench_data_pipeline(ds, args.repeats)),
                     ("4g", lambda: bench_gpu_pipeline(full, args.repeats)),
                     ("5", lambda: bench_gpu_resnet18(full, store, args.repeats)
-                     + bench_gpu_fast(data_path, REPO / "data", args.seeds)),
+                     + bench_gpu_fast(data_path, REPO / "data", args.seeds, config_overrides(args.fast))),
                     ("c", lambda: bench_compare_read(store))):
         if key in only:
             rows += fn()

@@ -5,6 +5,8 @@
 #   run(command="bash scripts/gpu_bench.sh", carry=[".gpu"])
 # then, here: cp <files_at>/BENCHMARKS.md docs/BENCHMARKS.md (the CPU rows and the notes are
 # kept in it; only the rows measured there change).
+# Extra arguments go to bench.py, e.g. `bash scripts/gpu_bench.sh --seeds 3 --fast anneal_frac=0.5`
+# to try another recipe for row 5d (the CPU run of the default recipe reached 89%, docs/RESULTS.md).
 set -euo pipefail
 OUT=${OUT:-.gpu/out}
 mkdir -p "$OUT" /tmp/clr_site .gpu/data
