@@ -295,10 +295,10 @@ def bench_gpu_resnet18(full, store, repeats):
         seed_everything(0)
         model = build_model("resnet18", 10).to(CUDA, memory_format=torch.channels_last)
         opt = make_optimizer(model, "sgd", 1e-5, 0.9, True, 5e-4)
-        return model, (torch.compile(model) if compiled else model), opt
+        return (torch.compile(model) if compiled else model), opt
 
     def range_once():
-        _, net, opt = fresh()
+        net, opt = fresh()
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         with MetricBuffer(run.info.run_id) as sink:  # its exit waits until MLflow stored everything
@@ -309,7 +309,7 @@ def bench_gpu_resnet18(full, store, repeats):
 
     def train_once(compiled):
         def once():
-            _, net, opt = fresh(compiled)
+            net, opt = fresh(compiled)
             sched = ScheduleLR(opt, make_schedule("triangular", 0.01, 0.1, epoch // 2, epoch))
             torch.cuda.synchronize()
             t0 = time.perf_counter()
@@ -410,7 +410,8 @@ GPU_ROWS = {  # shown until a CUDA machine measures them
     "5c": ("5c. Training on CUDA: ResNet-18, batch 512, compile=true", ">= 60,000 images/s"),
     "5d": ("5d. `model=fast` on CUDA end to end: range test + 10 epochs one-cycle", "94% in <= 10 s"),
 }
-HEADER = ["| benchmark | A vs B | result | target | met | machine | command |", "|---|---|---|---|---|---|---|"]
+COLUMNS = ("benchmark", "A vs B", "result", "target", "met", "machine", "command")
+HEADER = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
 
 
 def machine() -> str:
@@ -427,7 +428,7 @@ def _old_rows(text: str) -> dict[str, str]:
     rows = {}
     for line in text.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split(" | ")]
-        if line.startswith("| ") and len(cells) == len(HEADER[1].split("|")) - 2 and _row_id(cells) in ROW_ORDER:
+        if line.startswith("| ") and len(cells) == len(COLUMNS) and _row_id(cells) in ROW_ORDER:
             rows[_row_id(cells)] = line
     return rows
 
@@ -485,7 +486,8 @@ def main():
         if key in only:
             rows += fn()
             print(rows[-1], flush=True)
-    command = " ".join(["python scripts/bench.py", *(a for a in sys.argv[1:] if not a.startswith("--out"))])
+    argv = " ".join(sys.argv[1:]).replace(f"--out {args.out}", "").replace(f"--out={args.out}", "")
+    command = " ".join(["python scripts/bench.py", *argv.split()])
     write(rows, Path(args.out), command)
 
 
