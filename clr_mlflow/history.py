@@ -13,6 +13,9 @@ from mlflow.exceptions import MlflowException
 from .tracking import BOUNDS_TABLE
 
 
+BOUNDS_COLUMNS = ["rule", "base_lr", "max_lr", "selected", "note", "run_id"]
+
+
 class NoRuns(ValueError):
     """The experiment is missing or holds nothing to compare."""
 
@@ -40,11 +43,11 @@ def metric_series(run_id: str, key: str, client: MlflowClient | None = None) -> 
 def bounds_tables(experiment_id: str, run_ids: list[str]) -> pd.DataFrame:
     """Every listed run's bounds table, with a run_id column (runs without one are skipped)."""
     if not run_ids:
-        return pd.DataFrame(columns=["rule", "base_lr", "max_lr", "selected", "note", "run_id"])
+        return pd.DataFrame(columns=BOUNDS_COLUMNS)
     try:
         return MlflowClient().load_table(experiment_id, BOUNDS_TABLE, run_ids=list(run_ids), extra_columns=["run_id"])
     except MlflowException:
-        return pd.DataFrame(columns=["rule", "base_lr", "max_lr", "selected", "note", "run_id"])
+        return pd.DataFrame(columns=BOUNDS_COLUMNS)
 
 
 def range_curve(run_id: str) -> pd.DataFrame | None:

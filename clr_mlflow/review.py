@@ -74,11 +74,15 @@ def _parse(value: str, kind: type):
     return kind(text)
 
 
+def config_values(params: dict[str, str]) -> dict:
+    """The Config fields named in `params` (strings, as MLflow stores them), typed."""
+    hints = typing.get_type_hints(Config)
+    return {f.name: _parse(params[f.name], hints[f.name]) for f in fields(Config) if f.name in params}
+
+
 def config_of_run(params: dict[str, str], experiment: str) -> Config:
     """The Config a run was started with, from its params (as given, preset included)."""
-    hints = typing.get_type_hints(Config)
-    values = {f.name: _parse(params[f.name], hints[f.name]) for f in fields(Config) if f.name in params}
-    return Config(**(values | {"experiment": experiment, "run_name": ""}))
+    return Config(**(config_values(params) | {"experiment": experiment, "run_name": ""}))
 
 
 @dataclass

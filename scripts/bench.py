@@ -335,19 +335,14 @@ def bench_gpu_resnet18(full, store, repeats):
 
 
 def config_overrides(pairs: list[str]) -> dict:
-    """KEY=VALUE strings -> Config field values of the field's type."""
-    from dataclasses import fields
+    """KEY=VALUE strings -> typed values of clr-mlflow parameters."""
+    from clr_mlflow.review import config_values
 
-    from clr_mlflow.config import Config
-
-    types = {f.name: type(f.default) for f in fields(Config)}
-    out = {}
-    for pair in pairs:
-        key, _, value = pair.partition("=")
-        if key not in types:
-            sys.exit(f"--fast: expected KEY=VALUE with KEY a clr-mlflow parameter, but got {pair!r}")
-        out[key] = value.lower() in ("1", "true", "yes") if types[key] is bool else types[key](value)
-    return out
+    given = dict(pair.partition("=")[::2] for pair in pairs)
+    values = config_values(given)
+    if unknown := sorted(set(given) - set(values)):
+        sys.exit(f"--fast: expected KEY=VALUE with KEY a clr-mlflow parameter, but got {unknown}")
+    return values
 
 
 def bench_gpu_fast(data_path: str, cache: Path, seeds: int, overrides: dict):
