@@ -5,6 +5,7 @@ all NaN, no accuracy measured) gives a row whose `note` says why, never an excep
 """
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,6 +16,17 @@ FLAT_TOL = 0.01       # a curve whose smoothed loss never falls 1% below an earl
 MIN_ACC_RISE = 0.02   # accuracy must rise by 2 points before the accuracy rule answers
 RISE_FRAC = 0.10      # "starts to rise" / "turns ragged" = 10% of the total rise
 SKIP_START = 10       # the steepest rule ignores the first points, where the EMA settles
+SLIDE_DIFF = 15       # fastai's slide window (lr_diff), in points
+# fastai's slide threshold .005 is loss per point of its default sweep (100 points over
+# 1e-7..10: 0.08 decade each), i.e. .0625 loss per decade. We compare slopes per decade and
+# take .0625 per unit of loss drop: relative to the drop (not the loss itself) it is blind to
+# the loss's units and to a constant added to it, as the slopes are.
+SLIDE_THRESH = 0.0625
+
+LOWER_LIMIT = ("minimum at the last lr: the test did not diverge, so max_lr is a lower limit;"
+               " raise lr_end or num_iters")
+NO_BLOWUP = ("minimum at the last lr: the test did not diverge, so slide started on a falling"
+             " curve, not at the blow-up; raise lr_end or num_iters")
 
 
 @dataclass(frozen=True)
@@ -48,14 +60,42 @@ def _loss_problem(lrs: np.ndarray, smoothed: np.ndarray) -> str | None:
     return None
 
 
+def _loss_rule(rule: str, lrs, smoothed, divisor: float, pick, undiverged: str = LOWER_LIMIT) -> Suggestion:
+    """The frame every loss rule shares: read the finite prefix, refuse an unreadable curve
+    with a note, let `pick(lrs, smoothed) -> (max_lr, note)` answer (NaN max_lr: its note
+    says why not), then state the base_lr rule and whether the test ever diverged."""
+    n_all = len(np.atleast_1d(smoothed))
+    lrs, smoothed = _finite_prefix(lrs, smoothed)
+    if problem := _loss_problem(lrs, smoothed):
+        return Suggestion(rule, note=problem)
+    max_lr, why = pick(lrs, smoothed)
+    max_lr = float(max_lr)
+    if not np.isfinite(max_lr):
+        return Suggestion(rule, note=why)
+    notes = [f"base_lr = max_lr/{divisor:g}", why]
+    # A minimum at the very last point (and no non-finite loss after it) means the loss never
+    # turned up: the edge lies beyond lr_end, and a bare number would hide that.
+    if len(smoothed) == n_all and int(np.argmin(smoothed)) == n_all - 1:
+        notes.append(undiverged)
+    return Suggestion(rule, max_lr / divisor, max_lr, "; ".join(n for n in notes if n))
+
+
 def loss_edge(lrs, smoothed, divisor: float = 4.0) -> Suggestion:
     """max_lr = the lr at the minimum of the smoothed loss (the edge of stable descent:
     past it the loss rises); base_lr = max_lr / divisor (the paper's max/3 ... max/4)."""
-    lrs, smoothed = _finite_prefix(lrs, smoothed)
-    if problem := _loss_problem(lrs, smoothed):
-        return Suggestion("loss_edge", note=problem)
-    max_lr = float(lrs[np.argmin(smoothed)])
-    return Suggestion("loss_edge", max_lr / divisor, max_lr)
+    return _loss_rule("loss_edge", lrs, smoothed, divisor, lambda x, s: (x[np.argmin(s)], ""))
+
+
+def _steepest(lrs: np.ndarray, smoothed: np.ndarray) -> tuple[float, str]:
+    end = int(np.argmin(smoothed))
+    k = max(1, len(smoothed) // 50)
+    first = min(SKIP_START, end // 2)
+    centres = np.arange(max(first, k), end - k + 1)
+    if len(centres) == 0:
+        return float("nan"), "the minimum is at the very start of the curve"
+    x = np.log10(lrs)
+    slope = (smoothed[centres + k] - smoothed[centres - k]) / (x[centres + k] - x[centres - k])
+    return lrs[centres[np.argmin(slope)]], ""
 
 
 def steepest(lrs, smoothed, divisor: float = 4.0) -> Suggestion:
@@ -64,29 +104,69 @@ def steepest(lrs, smoothed, divisor: float = 4.0) -> Suggestion:
     the EMA still settles) and the minimum. The slope at i is a central difference over
     +-k points, k = n/50 (at least 1), so single noisy steps do not win; base_lr =
     max_lr / divisor."""
-    lrs, smoothed = _finite_prefix(lrs, smoothed)
-    if problem := _loss_problem(lrs, smoothed):
-        return Suggestion("steepest", note=problem)
-    end = int(np.argmin(smoothed))
-    k = max(1, len(smoothed) // 50)
-    first = min(SKIP_START, end // 2)
-    centres = np.arange(max(first, k), end - k + 1)
-    if len(centres) == 0:
-        return Suggestion("steepest", note="the minimum is at the very start of the curve")
-    x = np.log10(lrs)
-    slope = (smoothed[centres + k] - smoothed[centres - k]) / (x[centres + k] - x[centres - k])
-    max_lr = float(lrs[centres[np.argmin(slope)]])
-    return Suggestion("steepest", max_lr / divisor, max_lr)
+    return _loss_rule("steepest", lrs, smoothed, divisor, _steepest)
 
 
 def min_div10(lrs, smoothed, divisor: float = 4.0) -> Suggestion:
     """fastai's 'minimum / 10': max_lr = (lr at the smoothed-loss minimum) / 10, which
     backs off the EMA's lag; base_lr = max_lr / divisor."""
-    lrs, smoothed = _finite_prefix(lrs, smoothed)
-    if problem := _loss_problem(lrs, smoothed):
-        return Suggestion("min_div10", note=problem)
-    max_lr = float(lrs[np.argmin(smoothed)]) / 10.0
-    return Suggestion("min_div10", max_lr / divisor, max_lr)
+    return _loss_rule("min_div10", lrs, smoothed, divisor, lambda x, s: (x[np.argmin(s)] / 10.0, ""))
+
+
+def _valley(lrs: np.ndarray, smoothed: np.ndarray) -> tuple[float, str]:
+    # lds[i]: length of the longest strictly falling subsequence (not necessarily contiguous)
+    # ending at i. fastai's double loop is O(n^2); patience sorting on -loss gives the same
+    # numbers in O(n log n): tails[k] is the smallest last -loss of a rising run of k+1.
+    tails: list[float] = []
+    lds = np.empty(len(smoothed), dtype=np.int64)
+    for i, v in enumerate(-smoothed):
+        pos = bisect.bisect_left(tails, v)
+        tails[pos:pos + 1] = [v]
+        lds[i] = pos + 1
+    end = int(np.argmax(lds))  # fastai keeps the first index that reaches the longest run
+    start = end - int(lds[end])  # fastai's start: one before the run's first possible point
+    third = (end - start) / 3
+    # fastai's idx; it is -1 (Python: the LAST lr) for a 2-point run from the first point,
+    # an indexing accident, so it is clamped to the first point.
+    return lrs[max(0, start + int(third) + int(third / 2))], ""
+
+
+def valley(lrs, smoothed, divisor: float = 4.0) -> Suggestion:
+    """fastai's valley rule (its default): find the longest strictly falling subsequence of
+    the smoothed loss, ending at index `end` with length L (the first such end), set start =
+    end - L and third = L / 3, and take max_lr = lr[start + int(third) + int(third / 2)],
+    about half-way along the valley. base_lr = max_lr / divisor."""
+    return _loss_rule("valley", lrs, smoothed, divisor, _valley)
+
+
+def _slide(lrs: np.ndarray, smoothed: np.ndarray) -> tuple[float, str]:
+    n = len(smoothed)
+    if n <= SLIDE_DIFF:
+        return float("nan"), f"too short for slide: {n} finite points, need more than {SLIDE_DIFF}"
+    low = int(np.argmin(smoothed))
+    tol = SLIDE_THRESH * (smoothed[: low + 1].max() - smoothed[low])
+    slope = np.gradient(smoothed, np.log10(lrs))
+    right = np.arange(n - 1, SLIDE_DIFF - 1, -1)  # window k: points right-SLIDE_DIFF .. right
+    left = right - SLIDE_DIFF
+    calm = np.abs(slope[right] - slope[left]) <= tol
+    k = int(np.argmax(calm)) if calm.any() else len(right)
+    idx = left[max(k - 1, 0)]  # the last window that still differed (the first, if none did)
+    notes = ["no window was calm: slid to the first lr"] if k == len(right) else []
+    if idx > low:
+        notes.append("max_lr is past the loss minimum")
+    return lrs[idx], "; ".join(notes)
+
+
+def slide(lrs, smoothed, divisor: float = 4.0) -> Suggestion:
+    """fastai's slide rule, with two changes. slope = np.gradient of the smoothed loss
+    against log10(lr) (fastai: against the point index, so its threshold depends on the
+    sweep's density). A window of SLIDE_DIFF = 15 points (fastai's lr_diff) starts at the end
+    of the curve (the blow-up) and moves one point left while |slope(right end) - slope(left
+    end)| > SLIDE_THRESH (0.0625) x drop, drop = the highest smoothed loss before the minimum minus
+    the minimum (fastai: > .005, absolute). max_lr = the left lr of the last window that
+    still differed (of the first window if it was already calm; the first lr if no window
+    was calm); fastai's adjust_value = 1 multiplies by nothing. base_lr = max_lr / divisor."""
+    return _loss_rule("slide", lrs, smoothed, divisor, _slide, undiverged=NO_BLOWUP)
 
 
 def accuracy(eval_lrs, accuracies) -> Suggestion:
@@ -115,10 +195,11 @@ def accuracy(eval_lrs, accuracies) -> Suggestion:
             break
     if best <= start:
         return Suggestion("accuracy", note="accuracy peaked where it started to rise")
-    return Suggestion("accuracy", float(lrs[start]), float(lrs[best]))
+    return Suggestion("accuracy", float(lrs[start]), float(lrs[best]),
+                      f"base_lr = where accuracy starts rising ({RISE_FRAC:.0%} of its rise)")
 
 
-RULES = ("min_div10", "steepest", "loss_edge", "accuracy")
+RULES = ("min_div10", "steepest", "loss_edge", "accuracy", "valley", "slide")
 
 
 def suggest_bounds(lrs, smoothed, eval_lrs=(), accuracies=(), divisor: float = 4.0) -> list[Suggestion]:
@@ -127,6 +208,8 @@ def suggest_bounds(lrs, smoothed, eval_lrs=(), accuracies=(), divisor: float = 4
         steepest(lrs, smoothed, divisor),
         loss_edge(lrs, smoothed, divisor),
         accuracy(eval_lrs, accuracies),
+        valley(lrs, smoothed, divisor),
+        slide(lrs, smoothed, divisor),
     ]
 
 
