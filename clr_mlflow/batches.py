@@ -25,10 +25,12 @@ def crop_flip(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.T
 
 
 class Batches:
-    """A split held on `device` as uint8 (N, C, H, W), served as normalised float batches."""
+    """A split held on `device` as uint8 (N, C, H, W), served as normalised float `(x, y)`
+    batches: a loader like any other for the loops. Iterating gives one shuffled epoch of
+    full batches (`shuffle=True`, for training) or every item once in order (for evaluation)."""
 
     def __init__(self, split: Split, batch_size: int, device: torch.device, mean: torch.Tensor, std: torch.Tensor,
-                 augment: bool, seed: int, channels_last: bool = False):
+                 augment: bool, seed: int, channels_last: bool = False, shuffle: bool = True):
         self.x = torch.from_numpy(split.x).permute(0, 3, 1, 2).contiguous().to(device)
         self.y = torch.from_numpy(split.y).to(device)
         self.batch_size = batch_size
@@ -36,12 +38,19 @@ class Batches:
         self.mean = mean.to(device).view(1, -1, 1, 1)
         self.std = std.to(device).view(1, -1, 1, 1)
         self.augment = augment
+        self.shuffle = shuffle
         self.channels_last = channels_last
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
     def __len__(self) -> int:
-        """Full batches per epoch (the last partial batch is dropped, as BatchNorm prefers)."""
-        return len(self.y) // self.batch_size
+        """Batches per pass: full batches when shuffled (the last partial batch is dropped,
+        as BatchNorm prefers), every item when ordered."""
+        if self.shuffle:
+            return len(self.y) // self.batch_size
+        return -(-len(self.y) // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self.epoch() if self.shuffle else self.ordered()
 
     def _prepare(self, x: torch.Tensor) -> torch.Tensor:
         if self.augment:
@@ -59,13 +68,9 @@ class Batches:
     def epoch(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """One shuffled pass of full batches."""
         order = torch.randperm(len(self.y), device=self.device, generator=self.generator)
-        for i in range(len(self)):
+        for i in range(len(self.y) // self.batch_size):
             idx = order[i * self.batch_size:(i + 1) * self.batch_size]
             yield self._prepare(self.x[idx]), self.y[idx]
-
-    def forever(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        while True:
-            yield from self.epoch()
 
     def ordered(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Every item once, in order, no augmentation, last batch partial: for evaluation."""

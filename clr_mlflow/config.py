@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
+from . import plugins
 from .bounds import RULES
 from .curve import SWEEPS
 from .models import MODELS
@@ -30,14 +31,14 @@ def _p(default, help: str, phases=(RANGE, TRAIN)):
 @dataclass(frozen=True)
 class Config:
     # data
-    data: str = _p("cifar10", "'cifar10' (torchvision download into data_dir) or a folder with train/ and test/ in ImageFolder layout")
+    data: str = _p("cifar10", "'cifar10' (torchvision download into data_dir), a folder with train/ and test/ in ImageFolder layout, or module.path:callable returning (train, test) datasets")
     data_dir: str = _p("data", "where torchvision downloads CIFAR-10 and decoded images are cached")
     limit_train: int = _p(0, "use a seeded, class-balanced subset of this many training images (0 = all)")
     limit_test: int = _p(0, "use a seeded, class-balanced subset of this many test images (0 = all)")
     image_size: int = _p(32, "images are resized to image_size x image_size when they differ")
     augment: bool = _p(True, "random crop (padding 4) and horizontal flip of training batches")
     # model and optimizer
-    model: str = _p("small_cnn", f"one of {', '.join(MODELS)}")
+    model: str = _p("small_cnn", f"one of {', '.join(MODELS)}, or module.path:callable(num_classes, image_size)")
     batch_size: int = _p(128, "images per optimizer step")
     optimizer: str = _p("sgd", f"one of {', '.join(OPTIMIZERS)}")
     momentum: float = _p(0.9, "SGD momentum, or AdamW beta1")
@@ -97,9 +98,21 @@ def _choice(name: str, value, choices) -> None:
         raise ConfigError(f"Expected {name} to be one of {', '.join(choices)}, but got {value!r}")
 
 
+def _plugin(name: str, spec: str) -> None:
+    try:
+        plugins.resolve(name, spec)
+    except plugins.PluginError as e:
+        raise ConfigError(str(e)) from None
+
+
 def validate(cfg: Config, phases: tuple[str, ...], require_bounds: bool = False) -> None:
     """Raise ConfigError naming the first bad parameter of a command running `phases`."""
-    _choice("model", cfg.model, tuple(MODELS))
+    if plugins.is_plugin(cfg.model):
+        _plugin("model", cfg.model)
+    else:
+        _choice("model", cfg.model, tuple(MODELS) + ("module.path:callable",))
+    if plugins.is_plugin(cfg.data):
+        _plugin("data", cfg.data)
     _choice("optimizer", cfg.optimizer, OPTIMIZERS)
     _choice("device", cfg.device, DEVICES)
     _need(cfg.batch_size >= 1, "batch_size", "positive integer", cfg.batch_size)

@@ -1,22 +1,18 @@
-"""What the range test and training share: the device, the optimizer, one training step,
-evaluation, state snapshots, and the sink through which the loops report.
+"""What the range test and training share: the device, the optimizer, state snapshots,
+and the sink through which the loops report (the step itself is in steps.py).
 
 The loops keep per-iteration losses on the device and copy them to the host in chunks,
 so a CUDA run does not wait for the GPU every iteration.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import random
 from typing import Protocol
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
-
-from .batches import Batches
 
 
 class Sink(Protocol):
@@ -61,60 +57,32 @@ def make_optimizer(model: nn.Module, name: str, lr: float, momentum: float, nest
                            nesterov=nesterov and momentum > 0, weight_decay=weight_decay)
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA (no loss scaling needed); plain fp32 on the CPU."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor):
-    """One optimizer step; returns the loss and the number of correct predictions as
-    device tensors (no host sync)."""
-    with autocast(x.device):
-        out = model(x)
-        loss = F.cross_entropy(out, y)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return loss.detach().float(), (out.argmax(1) == y).sum()
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, batches: Batches) -> tuple[float, float]:
-    """Mean loss and accuracy over every held-out item."""
-    was_training = model.training
-    model.eval()
-    loss_sum = torch.zeros((), device=batches.device)
-    correct = torch.zeros((), device=batches.device, dtype=torch.long)
-    for x, y in batches.ordered():
-        with autocast(x.device):
-            out = model(x)
-        loss_sum += F.cross_entropy(out.float(), y, reduction="sum")
-        correct += (out.argmax(1) == y).sum()
-    model.train(was_training)
-    n = len(batches.y)
-    return loss_sum.item() / n, correct.item() / n
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
-class Snapshot:
-    """Model weights and buffers, optimizer state, the data order and every RNG, to put back
-    exactly as they were (bit for bit) after the range test."""
+def _generator(loader) -> torch.Generator | None:
+    """The torch.Generator that orders a loader's data (ours and DataLoader keep one in
+    `.generator`; a DataLoader without one draws from torch's global RNG, saved anyway)."""
+    g = getattr(loader, "generator", None)
+    return g if isinstance(g, torch.Generator) else None
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *batches: Batches):
-        self.model, self.optimizer, self.batches = model, optimizer, batches
+
+class Snapshot:
+    """Model weights and buffers, optimizer state, the loaders' data order, every RNG and a
+    GradScaler's scale, to put back exactly as they were (bit for bit) after the range test."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *loaders, scaler=None):
+        self.model, self.optimizer, self.scaler = model, optimizer, scaler
+        self.scaler_state = scaler.state_dict() if scaler is not None else None
         self.weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
         self.optim_state = copy.deepcopy(optimizer.state_dict())
         self.training = model.training
         self.rng = (random.getstate(), np.random.get_state(), torch.get_rng_state(),
                     torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
-        self.data_rng = [b.generator.get_state() for b in batches]
+        self.data_rng = [(g, g.get_state()) for g in map(_generator, loaders) if g is not None]
 
     def restore(self) -> None:
         self.model.load_state_dict(self.weights)
@@ -126,5 +94,7 @@ class Snapshot:
         torch.set_rng_state(cpu)
         if cuda is not None:
             torch.cuda.set_rng_state_all(cuda)
-        for b, state in zip(self.batches, self.data_rng):
-            b.generator.set_state(state)
+        for g, state in self.data_rng:
+            g.set_state(state)
+        if self.scaler is not None:
+            self.scaler.load_state_dict(self.scaler_state)

@@ -8,6 +8,7 @@ Frozen dataclasses, so schedules pickle into `state_dict()` (lambdas would not).
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -135,7 +136,10 @@ class ScheduleLR(LRScheduler):
         super().__init__(optimizer, last_epoch)
 
     def get_lr(self) -> list[float]:
-        return [self.schedule.lr(self.last_epoch)] * len(self.optimizer.param_groups)
+        # Group g keeps its starting ratio to group 0 (discriminative lrs): the schedule's
+        # bounds are group 0's.
+        lr = self.schedule.lr(self.last_epoch)
+        return [lr * (base / self.base_lrs[0]) for base in self.base_lrs]
 
     def step(self, epoch=None) -> None:
         super().step(epoch)
@@ -144,3 +148,58 @@ class ScheduleLR(LRScheduler):
             h = min(1.0, max(0.0, self.schedule.height(self.last_epoch)))
             for group in self.optimizer.param_groups:
                 set_momentum(group, high - (high - low) * h)
+
+
+def _check(ok: bool, name: str, expected: str, value) -> None:
+    if not ok:
+        raise ValueError(f"Expected {expected} {name}, but got {value!r}")
+
+
+def clr_scheduler(
+    optimizer: Optimizer,
+    policy: str,
+    base_lr: float,
+    max_lr: float,
+    *,
+    step_size: int | None = None,
+    total_iters: int | None = None,
+    gamma: float = 0.99994,
+    cycle_momentum: bool = False,
+    base_momentum: float = 0.85,
+    max_momentum: float = 0.95,
+    anneal_frac: float = 0.1,
+    anneal_div: float = 100.0,
+) -> ScheduleLR:
+    """A torch LRScheduler that cycles the lr of `optimizer` (any optimizer), one `step()`
+    per iteration, after the first call at `base_lr` (iteration 0).
+
+    policy: `triangular`, `triangular2`, `exp_range` (Smith 2017, half-cycle `step_size`
+    iterations; exp_range scales the amplitude by gamma**iteration), `one_cycle` (over
+    `total_iters`, the last `anneal_frac` annealing to base_lr/anneal_div) or `fixed`
+    (base_lr). `base_lr`/`max_lr` are param group 0's bounds; every other group keeps its
+    starting ratio to group 0. With `cycle_momentum`, momentum (Adam's beta1) moves
+    opposite to the lr between `base_momentum` (at max_lr) and `max_momentum`. Checks
+    every argument before it touches the optimizer.
+
+        scheduler = clr_scheduler(optimizer, "triangular2", 1e-3, 6e-3, step_size=2000)
+    """
+    _check(policy in POLICIES, "policy", f"one of {', '.join(POLICIES)} for", policy)
+    _check(math.isfinite(base_lr) and base_lr > 0, "base_lr", "positive finite", base_lr)
+    _check(math.isfinite(max_lr) and max_lr >= base_lr, "max_lr", f"finite value >= base_lr={base_lr} for", max_lr)
+    if policy in CLR_MODES:
+        _check(isinstance(step_size, numbers.Integral) and step_size >= 1, "step_size", f"positive integer (policy={policy})",
+               step_size)
+    if policy == "one_cycle":
+        _check(isinstance(total_iters, numbers.Integral) and total_iters >= 2, "total_iters", "integer >= 2 (policy=one_cycle)",
+               total_iters)
+    _check(0 < gamma <= 1, "gamma", "value in (0, 1] for", gamma)
+    _check(0 <= anneal_frac < 1, "anneal_frac", "value in [0, 1) for", anneal_frac)
+    _check(anneal_div >= 1, "anneal_div", "value >= 1 for", anneal_div)
+    if cycle_momentum:
+        _check(0 <= base_momentum < max_momentum < 1, "base_momentum/max_momentum", "0 <= base < max < 1 for",
+               (base_momentum, max_momentum))
+    first = optimizer.param_groups[0].get("initial_lr", optimizer.param_groups[0]["lr"])
+    _check(first > 0, "optimizer.param_groups[0]['lr']", "positive (other groups keep their ratio to it)", first)
+    schedule = make_schedule(policy, base_lr, max_lr, step_size or 1, total_iters or 1, gamma, anneal_frac,
+                             anneal_div)
+    return ScheduleLR(optimizer, schedule, (base_momentum, max_momentum) if cycle_momentum else None)

@@ -1,7 +1,9 @@
-"""The training loop: one scheduler step per iteration, evaluation after every epoch."""
+"""The training loop, generic over the step (steps.py): one scheduler step per iteration,
+evaluation after every pass over the loader."""
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -9,9 +11,9 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .batches import Batches
 from .curve import EMASmoother
-from .engine import NullSink, Sink, evaluate, train_step
+from .engine import NullSink, Sink
+from .steps import Evaluator, Stepper, evaluate
 
 # Losses reach the host every SYNC_EVERY iterations (one GPU sync per chunk, not per step).
 SYNC_EVERY = 64
@@ -43,14 +45,18 @@ class TrainResult:
         return float(self.epochs["val_accuracy"].max())
 
 
-def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, batches: Batches, held_out: Batches,
-          total_iters: int, *, beta: float = 0.98, sink: Sink = NullSink(), sync_every: int = SYNC_EVERY) -> TrainResult:
-    """Train for `total_iters` iterations; epoch metrics are logged at the step of the
-    epoch's last iteration, so they line up with the per-iteration series."""
+def train(stepper: Stepper, scheduler, loader: Iterable, total_iters: int, *, val_loader: Iterable,
+          evaluator: Evaluator, beta: float = 0.98, sink: Sink = NullSink(), sync_every: int = SYNC_EVERY,
+          progress: bool = True) -> TrainResult:
+    """Train for `total_iters` optimizer steps, one scheduler step each, evaluating after
+    every pass over `loader`. Epoch metrics are logged at the step of the epoch's last
+    iteration, so they line up with the per-iteration series."""
     start_time = time.perf_counter()
+    model, optimizer = stepper.model, stepper.optimizer
     smoother = EMASmoother(beta)
-    buf = torch.empty(sync_every, device=batches.device)
+    buf = torch.empty(sync_every, device=stepper.device)
     lrs, losses, smoothed_all = np.empty(total_iters), np.empty(total_iters), np.empty(total_iters)
+    take_accuracy = getattr(stepper.loss_fn, "take_accuracy", None)  # the default loss counts hits
     rows = []
     t, done = 0, 0  # t: iterations run; done: iterations already sent to the sink
 
@@ -68,19 +74,18 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, b
         done = t
 
     model.train()
-    with tqdm(total=total_iters, desc="train", unit="it", leave=False) as bar:
+    if take_accuracy:
+        take_accuracy()  # forget what the range test counted
+    with tqdm(total=total_iters, desc="train", unit="it", leave=False, disable=not progress) as bar:
         epoch = 0
         while t < total_iters:
-            loss_sum = torch.zeros((), device=batches.device)
-            correct = torch.zeros((), device=batches.device, dtype=torch.long)
-            seen = 0
-            for x, y in batches.epoch():
+            loss_sum = torch.zeros((), device=stepper.device)
+            epoch_start = t
+            for batch in loader:
                 lrs[t] = optimizer.param_groups[0]["lr"]
-                loss, right = train_step(model, optimizer, x, y)
+                loss, _, _ = stepper.step([batch])
                 buf[t - done] = loss
-                loss_sum += loss * len(y)
-                correct += right
-                seen += len(y)
+                loss_sum += loss
                 scheduler.step()
                 t += 1
                 if t - done == sync_every:
@@ -88,15 +93,18 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, b
                     bar.update(sync_every)
                 if t == total_iters:
                     break
+            if t == epoch_start:
+                raise ValueError("Expected the training loader to yield batches, but it yielded none")
             bar.update(t - done)
             drain()
-            val_loss, val_acc = evaluate(model, held_out)
-            row = {"epoch": epoch, "step": t - 1, "train_loss": loss_sum.item() / seen,
-                   "train_accuracy": correct.item() / seen, "val_loss": val_loss, "val_accuracy": val_acc}
+            held_out = evaluate(evaluator, model, val_loader)
+            row = {"epoch": epoch, "step": t - 1, "train_loss": loss_sum.item() / (t - epoch_start),
+                   "train_accuracy": take_accuracy() if take_accuracy else None,
+                   "val_loss": held_out.get("val_loss"), "val_accuracy": held_out["accuracy"]}
             rows.append(row)
-            sink.points([t - 1], {"val/loss": [val_loss], "val/accuracy": [val_acc],
-                                  "train/epoch_loss": [row["train_loss"]],
-                                  "train/epoch_accuracy": [row["train_accuracy"]]})
-            bar.set_postfix(epoch=epoch, val_acc=f"{val_acc:.3f}")
+            values = {"val/loss": row["val_loss"], "val/accuracy": row["val_accuracy"],
+                      "train/epoch_loss": row["train_loss"], "train/epoch_accuracy": row["train_accuracy"]}
+            sink.points([t - 1], {k: [v] for k, v in values.items() if v is not None})
+            bar.set_postfix(epoch=epoch, val_acc=f"{row['val_accuracy']:.3f}")
             epoch += 1
     return TrainResult(pd.DataFrame(rows), lrs, losses, smoothed_all, time.perf_counter() - start_time)

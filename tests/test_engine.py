@@ -10,6 +10,11 @@ from clr_mlflow.curve import sweep_lrs
 from clr_mlflow.engine import make_optimizer, seed_everything
 from clr_mlflow.models import build_model, resnet18_cifar
 from clr_mlflow.range_test import range_test
+from clr_mlflow.steps import CrossEntropy, Stepper, classification_eval
+
+
+def rt(model, opt, batches, lrs, **kw):
+    return range_test(Stepper(model, opt, CrossEntropy(), torch.device("cpu")), batches, lrs, progress=False, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +54,7 @@ def run_small_test(ds, sync_every=8, n=40, lr_end=1.0):
     seed_everything(0)
     model = build_model("small_cnn", 10)
     opt = make_optimizer(model, "sgd", 1e-4, 0.9, True, 5e-4)
-    return range_test(model, opt, make_batches(ds), sweep_lrs(1e-4, lr_end, n), sync_every=sync_every)
+    return rt(model, opt, make_batches(ds), sweep_lrs(1e-4, lr_end, n), sync_every=sync_every)
 
 
 def test_range_test_is_bit_identical_for_the_same_seed_and_any_sync_interval(small):
@@ -86,7 +91,7 @@ def test_model_optimizer_and_rng_are_restored_bit_identically(small):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     momentum = {k: v["momentum_buffer"].clone() for k, v in opt.state_dict()["state"].items()}
     rng, data_rng = torch.get_rng_state(), batches.generator.get_state()
-    range_test(model, opt, batches, sweep_lrs(1e-3, 10, 30))
+    rt(model, opt, batches, sweep_lrs(1e-3, 10, 30))
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
     for k, v in opt.state_dict()["state"].items():
@@ -105,7 +110,7 @@ def test_state_is_restored_when_the_loop_raises(small):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        range_test(model, opt, make_batches(small), sweep_lrs(1e-3, 1, 20), sink=Boom())
+        rt(model, opt, make_batches(small), sweep_lrs(1e-3, 1, 20), sink=Boom())
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
@@ -145,11 +150,13 @@ def test_chunked_host_transfer_reports_the_same_values_as_per_iteration(small):
         seed_everything(0)
         model = build_model("small_cnn", 10)
         opt = make_optimizer(model, "sgd", 0.01, 0.9, True, 5e-4)
-        rt, tr = Recorder(), Recorder()
-        range_test(model, opt, make_batches(small), sweep_lrs(1e-4, 1.0, 30), sink=rt, sync_every=sync)
+        rec_rt, tr = Recorder(), Recorder()
+        rt(model, opt, make_batches(small), sweep_lrs(1e-4, 1.0, 30), sink=rec_rt, sync_every=sync)
         held = make_batches(small, augment=False)
         sched = ScheduleLR(opt, make_schedule("triangular", 0.01, 0.1, 4, 16))
-        train(model, opt, sched, make_batches(small), held, 16, sink=tr, sync_every=sync)
-        sent.append((rt.sent, tr.sent))
+        stepper = Stepper(model, opt, CrossEntropy(), torch.device("cpu"))
+        train(stepper, sched, make_batches(small), 16, val_loader=held, evaluator=classification_eval(stepper.device),
+              sink=tr, sync_every=sync, progress=False)
+        sent.append((rec_rt.sent, tr.sent))
     assert sent[0] == sent[1]
     assert [s for s, _ in sent[0][1]["train/lr"]] == list(range(16))

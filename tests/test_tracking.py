@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from clr_mlflow.tracking import MetricBuffer
+from clr_mlflow.tracking import IterationLogger
 
 
 def history(run_id, key):
@@ -13,7 +13,7 @@ def history(run_id, key):
 
 
 def test_buffer_sends_batches_not_one_call_per_value(tracking):
-    with mlflow.start_run() as run, MetricBuffer(run.info.run_id, flush_every=1000) as buf:
+    with mlflow.start_run() as run, IterationLogger(run.info.run_id, flush_every=1000) as buf:
         for start in range(0, 2000, 8):
             steps = np.arange(start, start + 8)
             buf.series(steps, {"x/lr": steps * 0.5, "x/loss": steps * 2.0})
@@ -24,7 +24,7 @@ def test_buffer_sends_batches_not_one_call_per_value(tracking):
 
 def test_everything_before_an_error_reaches_mlflow(tracking):
     with pytest.raises(RuntimeError, match="boom"):
-        with mlflow.start_run() as run, MetricBuffer(run.info.run_id, flush_every=10_000) as buf:
+        with mlflow.start_run() as run, IterationLogger(run.info.run_id, flush_every=10_000) as buf:
             for step in range(37):
                 buf.series([step], {"x/loss": [float(step)]})
             raise RuntimeError("boom")
@@ -34,7 +34,7 @@ def test_everything_before_an_error_reaches_mlflow(tracking):
 
 
 def test_log_every_thins_series_but_not_points(tracking):
-    with mlflow.start_run() as run, MetricBuffer(run.info.run_id, log_every=5) as buf:
+    with mlflow.start_run() as run, IterationLogger(run.info.run_id, log_every=5) as buf:
         buf.series(np.arange(23), {"x/lr": np.arange(23) * 1.0})
         buf.points([3, 7], {"x/acc": [0.1, 0.2]})
     assert history(run.info.run_id, "x/lr")[0] == [0, 5, 10, 15, 20]
