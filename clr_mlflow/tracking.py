@@ -168,9 +168,11 @@ def active_run(experiment: str, run_name: str = "", tags: dict | None = None):
 @contextlib.contextmanager
 def run_scope(tags: dict | None = None):
     """The active run's id, or a new run (in the active experiment) for the block, ended
-    when it ends (FAILED if it raises)."""
+    when it ends (FAILED if it raises). An active run gets those of `tags` it lacks."""
     run = mlflow.active_run()
     if run is not None:
+        present = MlflowClient().get_run(run.info.run_id).data.tags
+        mlflow.set_tags({k: v for k, v in (tags or {}).items() if k not in present})
         yield run.info.run_id
         return
     with mlflow.start_run(run_name=fresh_run_name(), tags=tags) as run:

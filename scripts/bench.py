@@ -27,14 +27,16 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from clr_mlflow import data  # noqa: E402
+from clr_mlflow import data, lr_find  # noqa: E402
 from clr_mlflow.batches import Batches, channel_stats  # noqa: E402
 from clr_mlflow.curve import sweep_lrs  # noqa: E402
 from clr_mlflow.engine import NullSink, make_optimizer, seed_everything, use_fast_kernels  # noqa: E402
 from clr_mlflow.models import build_model  # noqa: E402
 from clr_mlflow.range_test import range_test  # noqa: E402
 from clr_mlflow.schedules import ScheduleLR, make_schedule  # noqa: E402
+from clr_mlflow.steps import CrossEntropy, Stepper, classification_eval  # noqa: E402
 from clr_mlflow.training import train  # noqa: E402
+from clr_mlflow.tracking import IterationLogger  # noqa: E402
 
 CPU = torch.device("cpu")
 CUDA = torch.device("cuda")
@@ -72,12 +74,24 @@ def tiny_mlp(num_classes=10, image_size=32):
     return nn.Sequential(nn.Flatten(), nn.Linear(3 * image_size * image_size, 64), nn.ReLU(), nn.Linear(64, num_classes))
 
 
-def bench_tracking_overhead(ds, store, repeats):
-    from clr_mlflow.tracking import MetricBuffer
+def train_as_cli(model, opt, sched, batches, held, iters, sink):
+    """The training loop as `clr-mlflow train` runs it (bf16 autocast on CUDA)."""
+    device = batches.device
+    stepper = Stepper(model, opt, CrossEntropy(), device, amp=torch.bfloat16 if device.type == "cuda" else None)
+    return train(stepper, sched, batches, iters, val_loader=held, evaluator=classification_eval(device, stepper.amp),
+                 sink=sink, progress=False)
 
+
+def range_test_as_cli(model, opt, batches, lrs, sink):
+    device = batches.device
+    stepper = Stepper(model, opt, CrossEntropy(), device, amp=torch.bfloat16 if device.type == "cuda" else None)
+    return range_test(stepper, batches, lrs, sink=sink, diverge=1e9, progress=False)
+
+
+def bench_tracking_overhead(ds, store, repeats):
     rows = []
     mean, std = channel_stats(ds.train)
-    held = Batches(ds.test, 500, CPU, mean, std, False, 0)
+    held = Batches(ds.test, 500, CPU, mean, std, False, 0, shuffle=False)
     run = store.mlflow.start_run()  # made once: creating a run is not part of the loop
     for row, label, make, batch, iters, augment, log_every in (
             ("1a", "small CNN, batch 128", lambda: build_model("small_cnn", 10), 128, 60, True, 1),
@@ -90,9 +104,9 @@ def bench_tracking_overhead(ds, store, repeats):
             sched = ScheduleLR(opt, make_schedule("triangular", 0.002, 0.02, max(1, iters // 4), iters))
             batches = Batches(ds.train, batch, CPU, mean, std, augment, 0)
             if not tracked:
-                return train(model, opt, sched, batches, held, iters, sink=NullSink())
-            with MetricBuffer(run.info.run_id, log_every=log_every) as sink:  # its exit waits until all is stored
-                return train(model, opt, sched, batches, held, iters, sink=sink)
+                return train_as_cli(model, opt, sched, batches, held, iters, NullSink())
+            with IterationLogger(run.info.run_id, log_every=log_every) as sink:  # its exit waits until all is stored
+                return train_as_cli(model, opt, sched, batches, held, iters, sink)
 
         t_on, t_off = alternate(lambda: loop(True), lambda: loop(False), repeats)
         step_ms = 1000 * t_off / iters
@@ -105,14 +119,12 @@ def bench_tracking_overhead(ds, store, repeats):
 
 
 def bench_cost_per_value(store, repeats):
-    from clr_mlflow.tracking import MetricBuffer
-
     n_buf, n_plain = 30_000, 200
     in_loop = []
 
     def buffered():
         with store.run() as run:
-            buf = MetricBuffer(run.info.run_id)
+            buf = IterationLogger(run.info.run_id)
             spent = 0.0
             for start in range(0, n_buf // 3, 8):
                 steps = np.arange(start, start + 8)
@@ -137,8 +149,6 @@ def bench_cost_per_value(store, repeats):
 
 
 def bench_range_test(ds, store, repeats):
-    from clr_mlflow.tracking import MetricBuffer
-
     iters, batch = 100, 64
     mean, std = channel_stats(ds.train)
     # Pre-normalised float images, as the peers' examples load them; the permute leaves them
@@ -147,16 +157,26 @@ def bench_range_test(ds, store, repeats):
              / std.view(1, 3, 1, 1))
     y_all = torch.from_numpy(ds.train.y)
 
-    run = store.mlflow.start_run()  # made once: creating a run is not part of the range test
-
+    # lr_find makes a run of its own each time, as it does for a user without an active run.
     def ours():
-        """As `clr-mlflow range-test` runs it: channels_last, every value tracked."""
+        """As `clr-mlflow range-test` runs it: lr_find on our uint8 batches, channels_last,
+        every value tracked, bounds table, curve.csv and curve.png logged."""
         seed_everything(0)
         model = build_model("small_cnn", 10).to(memory_format=torch.channels_last)
         opt = make_optimizer(model, "sgd", 1e-5, 0.9, True, 5e-4)
         batches = Batches(ds.train, batch, CPU, mean, std, False, 0, channels_last=True)
-        with MetricBuffer(run.info.run_id) as sink:
-            range_test(model, opt, batches, sweep_lrs(1e-5, 10, iters), sink=sink, diverge=1e9)
+        lr_find(model, opt, batches, num_iters=iters, start_lr=1e-5, end_lr=10, diverge=1e9, progress=False)
+
+    def plain_loader():
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x_all, y_all), batch_size=batch,
+                                           shuffle=True, drop_last=True)
+
+    def ours_on_dataloader():
+        """lr_find as a user calls it, on the same DataLoader and model as the peer below."""
+        seed_everything(0)
+        model = build_model("small_cnn", 10)
+        opt = make_optimizer(model, "sgd", 1e-5, 0.9, True, 5e-4)
+        lr_find(model, opt, plain_loader(), num_iters=iters, start_lr=1e-5, end_lr=10, diverge=1e9, progress=False)
 
     def bare():
         """A hand-written loop doing the same steps, nothing else: no smoothing, no restore."""
@@ -186,18 +206,20 @@ def bench_range_test(ds, store, repeats):
             seed_everything(0)
             model = build_model("small_cnn", 10)
             opt = make_optimizer(model, "sgd", 1e-5, 0.9, True, 5e-4)
-            loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x_all, y_all), batch_size=batch,
-                                                 shuffle=True, drop_last=True)
             finder = LRFinder(model, opt, nn.CrossEntropyLoss(), device="cpu")
-            finder.range_test(loader, end_lr=10, num_iter=iters, diverge_th=1e9)
+            finder.range_test(plain_loader(), end_lr=10, num_iter=iters, diverge_th=1e9)
             finder.reset()
 
         t_ours, t_peer = alternate(ours, peer, repeats)
-        rows.append((f"3. Range test, small CNN, batch {batch}, {iters} iterations, CPU: ours (tracked to MLflow) "
-                     "vs torch-lr-finder 0.2.2", f"{t_ours:.3f} s vs {t_peer:.3f} s", f"ratio {t_ours / t_peer:.3f}",
-                     "<= 1.0", t_ours / t_peer <= 1.0))
+        rows.append((f"3. Range test, small CNN, batch {batch}, {iters} iterations, CPU: ours (lr_find on our "
+                     "batches, tracked to MLflow) vs torch-lr-finder 0.2.2", f"{t_ours:.3f} s vs {t_peer:.3f} s",
+                     f"ratio {t_ours / t_peer:.3f}", "<= 1.0", t_ours / t_peer <= 1.0))
+        t_ours, t_peer = alternate(ours_on_dataloader, peer, repeats)
+        rows.append((f"3c. Range test on the same plain torch DataLoader, model and {iters} iterations: lr_find "
+                     "(tracked to MLflow: series, bounds table, curve.csv, curve.png) vs torch-lr-finder 0.2.2",
+                     f"{t_ours:.3f} s vs {t_peer:.3f} s", f"ratio {t_ours / t_peer:.3f}", "<= 1.0",
+                     t_ours / t_peer <= 1.0))
     t_ours, t_bare = alternate(ours, bare, repeats)
-    store.mlflow.end_run()
     rows.append(("3b. Range test, same setting: ours (tracked) vs a bare hand-written torch loop",
                  f"{t_ours:.3f} s vs {t_bare:.3f} s", f"ratio {t_ours / t_bare:.3f}", "<= 1.05",
                  t_ours / t_bare <= 1.05))
@@ -282,12 +304,10 @@ def bench_gpu_pipeline(full, repeats):
 def bench_gpu_resnet18(full, store, repeats):
     """Rows 5a-5c: ResNet-18 (CIFAR stem), batch 512, bf16 autocast, channels_last, every
     value tracked to MLflow, as `clr-mlflow` runs it."""
-    from clr_mlflow.tracking import MetricBuffer
-
     mean, std = channel_stats(full.train)
     train_b = Batches(full.train, 512, CUDA, mean, std, True, 0, channels_last=True)
     test_subset = data.Split(full.test.x[:512], full.test.y[:512])
-    held = Batches(test_subset, 512, CUDA, mean, std, False, 0, channels_last=True)
+    held = Batches(test_subset, 512, CUDA, mean, std, False, 0, channels_last=True, shuffle=False)
     epoch = len(train_b)
     run = store.mlflow.start_run()
 
@@ -301,8 +321,8 @@ def bench_gpu_resnet18(full, store, repeats):
         net, opt = fresh()
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        with MetricBuffer(run.info.run_id) as sink:  # its exit waits until MLflow stored everything
-            result = range_test(net, opt, train_b, sweep_lrs(1e-5, 1, epoch), sink=sink, diverge=1e9)
+        with IterationLogger(run.info.run_id) as sink:  # its exit waits until MLflow stored everything
+            result = range_test_as_cli(net, opt, train_b, sweep_lrs(1e-5, 1, epoch), sink)
         torch.cuda.synchronize()
         ran.append(len(result.lrs))
         return time.perf_counter() - t0
@@ -313,8 +333,8 @@ def bench_gpu_resnet18(full, store, repeats):
             sched = ScheduleLR(opt, make_schedule("triangular", 0.01, 0.1, epoch // 2, epoch))
             torch.cuda.synchronize()
             t0 = time.perf_counter()
-            with MetricBuffer(run.info.run_id) as sink:
-                train(net, opt, sched, train_b, held, epoch, sink=sink)
+            with IterationLogger(run.info.run_id) as sink:
+                train_as_cli(net, opt, sched, train_b, held, epoch, sink)
             torch.cuda.synchronize()
             return time.perf_counter() - t0
         return once
@@ -397,7 +417,7 @@ def bench_compare_read(store):
              "logged", f"read {result.read_seconds:.2f} s, total {total:.2f} s", "", "quick", None)]
 
 
-ROW_ORDER = ("1a", "1b", "1c", "2", "2b", "3", "3b", "4", "4g", "5a", "5b", "5c", "5d", "c")
+ROW_ORDER = ("1a", "1b", "1c", "2", "2b", "3", "3b", "3c", "4", "4g", "5a", "5b", "5c", "5d", "c")
 GPU_ROWS = {  # shown until a CUDA machine measures them
     "4g": ("4g. Data pipeline on CUDA vs the PIL loader per core", ">= 50x per core"),
     "5a": ("5a. Range test on CUDA: ResNet-18, one epoch, batch 512", "<= 5 s"),

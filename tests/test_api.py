@@ -354,3 +354,23 @@ def test_iteration_logger_flushes_on_ctrl_c_and_needs_a_run(tracking):
             raise KeyboardInterrupt
     steps, values = history(run.info.run_id, "loss")
     assert list(steps) == list(range(23)) and list(values) == [s / 2 for s in range(23)]
+
+
+def test_the_readme_example_runs_as_written(tracking, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = readme.split("## Use it on your own model", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    MlflowClient().search_experiments()  # create the store before the child opens it
+    env = dict(os.environ, MLFLOW_TRACKING_URI=tracking)
+    res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "valley" in res.stdout and (tmp_path / "lr_find.png").stat().st_size > 10_000
+    run = mlflow.search_runs(experiment_names=["my_project"]).iloc[0]
+    assert run["status"] == "FINISHED" and run["tags.clr_mlflow.kind"] == "range_test"
+    assert len(history(run["run_id"], "train/lr")[0]) == 8 * 32
+    assert len(history(run["run_id"], "range_test/lr")[0]) == run["metrics.range_test/iterations"]
