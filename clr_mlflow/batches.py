@@ -39,6 +39,7 @@ class Batches:
         self.std = std.to(device).view(1, -1, 1, 1)
         self.augment = augment
         self.shuffle = shuffle
+        self.passes = 0  # times iterated: how often a split was looked at (the test split: once)
         self.channels_last = channels_last
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
@@ -50,6 +51,7 @@ class Batches:
         return -(-len(self.y) // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        self.passes += 1
         return self.epoch() if self.shuffle else self.ordered()
 
     def _prepare(self, x: torch.Tensor) -> torch.Tensor:

@@ -50,11 +50,16 @@ def use_fast_kernels(device: torch.device) -> None:
 
 
 def make_optimizer(model: nn.Module, name: str, lr: float, momentum: float, nesterov: bool,
-                   weight_decay: float) -> torch.optim.Optimizer:
+                   weight_decay: float, groups: list[dict] | None = None) -> torch.optim.Optimizer:
+    """SGD (Nesterov when asked and momentum > 0) or AdamW. `groups`: param groups as
+    `{"params", "lr_mult", "weight_decay"}`; each starts at lr x lr_mult, and the range test
+    and schedules keep that ratio."""
+    params = model.parameters() if groups is None else [
+        {"params": g["params"], "lr": lr * g["lr_mult"], "weight_decay": g["weight_decay"]} for g in groups]
     if name == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=lr, betas=(momentum, 0.999), weight_decay=weight_decay)
-    return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum,
-                           nesterov=nesterov and momentum > 0, weight_decay=weight_decay)
+        return torch.optim.AdamW(params, lr=lr, betas=(momentum, 0.999), weight_decay=weight_decay)
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0,
+                           weight_decay=weight_decay)
 
 
 def seed_everything(seed: int) -> None:

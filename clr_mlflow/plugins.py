@@ -102,7 +102,8 @@ def collate(items) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack([to_image_tensor(i) for i in images]), torch.as_tensor([int(y) for y in labels])
 
 
-def _labels(ds) -> np.ndarray:
+def labels(ds) -> np.ndarray:
+    """Every label of a dataset: its `targets`/`labels` when it has them, else item by item."""
     for name in ("targets", "labels"):
         if hasattr(ds, name):
             return np.asarray(getattr(ds, name))
@@ -135,5 +136,5 @@ def load_data(spec: str) -> PluginData:
                           f"integer label, but train[0] gave {type(e).__name__}: {e}") from None
     classes = getattr(train, "classes", None)
     if classes is None:
-        classes = [str(c) for c in range(int(max(_labels(train).max(), _labels(test).max())) + 1)]
+        classes = [str(c) for c in range(int(max(labels(train).max(), labels(test).max())) + 1)]
     return PluginData(train, test, tuple(map(str, classes)), f"plugin:{spec}", shape)

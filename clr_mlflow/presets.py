@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import fields, replace
 
+from torch import nn
+
 from .config import Config, ConfigError
 
 # Smith (2017), "Cyclical Learning Rates for Training Neural Networks", section 4.1.1 and
@@ -35,3 +37,31 @@ def apply_preset(cfg: Config) -> tuple[Config, dict]:
     if cfg.iterations == 0 and cfg.epochs == 0 and cfg.cycles == defaults["cycles"] and cfg.policy in iterations:
         changed["iterations"] = iterations[cfg.policy]
     return replace(cfg, **changed), changed
+
+
+# Caffe's cifar10_full_train_test.prototxt sets per-parameter multipliers the solver's
+# single lr and weight decay do not show: every bias learns at 2x the lr (lr_mult: 2)
+# without weight decay (decay_mult: 0), and the classifier's weights decay 250x harder
+# (decay_mult: 250, so 250 x 0.004 = 1.0). Conv weights keep 1x and 0.004.
+BIAS_LR_MULT, CLASSIFIER_DECAY_MULT = 2.0, 250.0
+
+
+def param_groups(cfg: Config, model: nn.Module) -> list[dict] | None:
+    """The preset's per-parameter groups as `{"params", "lr_mult", "weight_decay"}` (None
+    without a preset that has them): weights, the classifier's weight (the last Linear),
+    and biases."""
+    if cfg.preset != "smith2017_cifar10":
+        return None
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    classifier = linears[-1].weight if linears else None
+    weights, biases = [], []
+    for name, p in model.named_parameters():
+        if p is classifier:
+            continue
+        (biases if name.endswith("bias") else weights).append(p)
+    groups = [{"params": weights, "lr_mult": 1.0, "weight_decay": cfg.weight_decay},
+              {"params": biases, "lr_mult": BIAS_LR_MULT, "weight_decay": 0.0}]
+    if classifier is not None:
+        groups.insert(1, {"params": [classifier], "lr_mult": 1.0,
+                          "weight_decay": cfg.weight_decay * CLASSIFIER_DECAY_MULT})
+    return [g for g in groups if g["params"]]

@@ -4,24 +4,21 @@ the run is created."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader
 
-from . import data as data_mod
 from . import history, plots, plugins, tracking
-from .batches import Batches, channel_stats
 from .config import COMMANDS, RANGE, TRAIN, Config, ConfigError, validate
 from .engine import make_optimizer, pick_device, seed_everything, use_fast_kernels
 from .finder import MIN_STEPS, lr_find
+from .loaders import Loaders, load_loaders
 from .models import build_model
-from .presets import apply_preset
+from .presets import apply_preset, param_groups
 from .range_test import RangeTestResult
 from .schedules import CLR_MODES, CyclicLR, ScheduleLR, make_schedule
-from .steps import CrossEntropy, Stepper, classification_eval
+from .steps import CrossEntropy, Stepper, classification_eval, evaluate
 from .training import TrainResult, train
 
 
@@ -37,6 +34,8 @@ class Outcome:
     bounds_table: pd.DataFrame | None = None
     bounds: tuple[float, float, str] | None = None  # base_lr, max_lr, rule
     training: TrainResult | None = None
+    test_accuracy: float | None = None  # the test split, evaluated once after training
+    loaders: Loaders | None = None
     range_test_seconds: float = 0.0
 
     def summary(self) -> str:
@@ -50,47 +49,9 @@ class Outcome:
             parts.append(f"bounds {self.bounds[0]:.4g}-{self.bounds[1]:.4g} ({self.bounds[2]})")
         if self.training is not None:
             t = self.training
-            parts.append(f"{cfg.policy}: best test acc {t.best_accuracy:.4f}, final {t.final_accuracy:.4f}, "
-                         f"{t.seconds + self.range_test_seconds:.1f}s")
+            parts.append(f"{cfg.policy}: val acc {t.final_accuracy:.4f} (best {t.best_accuracy:.4f}), test acc "
+                         f"{self.test_accuracy:.4f}, {t.seconds + self.range_test_seconds:.1f}s")
         return " | ".join(parts)
-
-
-@dataclass(frozen=True)
-class Loaders:
-    train: Iterable       # shuffled, augmented batches for the range test and training
-    held_out: Iterable    # every held-out item once, in order
-    num_classes: int
-    params: dict          # data.* params of the run
-
-
-def load_loaders(cfg: Config, device: torch.device) -> Loaders:
-    """CIFAR-10 or an image folder as uint8 tensors on the device (batched augmentation
-    there), or a data plug-in's datasets through a plain DataLoader."""
-    if plugins.is_plugin(cfg.data):
-        try:
-            ds = plugins.load_data(cfg.data)
-        except plugins.PluginError as e:
-            raise ConfigError(str(e)) from None
-        _need_batches(len(ds.train), cfg.batch_size)
-        order = torch.Generator().manual_seed(cfg.seed)
-        pin = device.type == "cuda"
-        train = DataLoader(ds.train, cfg.batch_size, shuffle=True, drop_last=True, generator=order,
-                           collate_fn=plugins.collate, pin_memory=pin)
-        held_out = DataLoader(ds.test, max(cfg.batch_size, 512), shuffle=False, collate_fn=plugins.collate,
-                              pin_memory=pin)
-        return Loaders(train, held_out, len(ds.classes), ds.describe())
-    ds = data_mod.load(cfg.data, cfg.data_dir, cfg.limit_train, cfg.limit_test, cfg.image_size, cfg.seed)
-    _need_batches(len(ds.train), cfg.batch_size)
-    mean, std = channel_stats(ds.train)
-    train = Batches(ds.train, cfg.batch_size, device, mean, std, cfg.augment, cfg.seed, channels_last=True)
-    held_out = Batches(ds.test, max(cfg.batch_size, 512), device, mean, std, False, cfg.seed, channels_last=True,
-                       shuffle=False)
-    return Loaders(train, held_out, len(ds.classes), ds.describe())
-
-
-def _need_batches(train_size: int, batch_size: int) -> None:
-    if train_size < batch_size:
-        raise ConfigError(f"Expected batch_size <= the {train_size} training images, but got {batch_size}")
 
 
 def execute(cfg: Config, command: str, tags: dict | None = None) -> Outcome:
@@ -125,14 +86,15 @@ def execute(cfg: Config, command: str, tags: dict | None = None) -> Outcome:
         raise ConfigError(f"Expected at least {MIN_STEPS} batches per epoch for the range test, but the training "
                           f"set gives {len(loaders.train)} of batch_size={cfg.batch_size}: use more images or a "
                           "smaller batch_size")
-    optimizer = make_optimizer(model, cfg.optimizer, cfg.lr_start, cfg.momentum, cfg.nesterov, cfg.weight_decay)
+    optimizer = make_optimizer(model, cfg.optimizer, cfg.lr_start, cfg.momentum, cfg.nesterov, cfg.weight_decay,
+                               param_groups(cfg, model))
     # bf16 autocast on CUDA (no loss scaling needed); plain fp32 on the CPU.
     stepper = Stepper(net, optimizer, CrossEntropy(), device, amp=torch.bfloat16 if device.type == "cuda" else None)
 
     tags = tracking.provenance_tags(str(device)) | {"clr_mlflow.kind": "+".join(phases),
                                                     "clr_mlflow.command": command} | (tags or {})
     with tracking.active_run(cfg.experiment, cfg.run_name, tags) as run:
-        out = Outcome(run.info.run_id, cfg)
+        out = Outcome(run.info.run_id, cfg, loaders=loaders)
         # Params keep the values as given (base_lr=0 means "from the range test"), so a run can
         # be repeated from its params; what training actually used is logged as effective.*.
         tracking.log_params(given_cfg.params(requested) | loaders.params
@@ -142,7 +104,7 @@ def execute(cfg: Config, command: str, tags: dict | None = None) -> Outcome:
             out.range_test = lr_find(
                 net, optimizer, loaders.train, loss_fn=stepper.loss_fn, num_iters=num_iters, start_lr=cfg.lr_start,
                 end_lr=cfg.lr_end, sweep=cfg.sweep, beta=cfg.beta, diverge=cfg.diverge,
-                val_loader=loaders.held_out if cfg.eval_every else None, eval_every=cfg.eval_every,
+                val_loader=loaders.val if cfg.eval_every else None, eval_every=cfg.eval_every,
                 bounds_rule=cfg.bounds_rule, bounds_divisor=cfg.bounds_divisor, device=device, amp=stepper.amp,
                 log_every=cfg.log_every)
             out.range_test_seconds = time.perf_counter() - t0
@@ -162,7 +124,7 @@ def execute(cfg: Config, command: str, tags: dict | None = None) -> Outcome:
     return out
 
 
-def _train_phase(cfg, stepper: Stepper, model, loaders: Loaders, out: Outcome) -> TrainResult:
+def _train_phase(cfg: Config, stepper: Stepper, model, loaders: Loaders, out: Outcome) -> TrainResult:
     base_lr, max_lr, rule = out.bounds
     ipe = len(loaders.train)
     step_size = cfg.step_size or max(1, round(cfg.step_epochs * ipe))
@@ -186,16 +148,20 @@ def _train_phase(cfg, stepper: Stepper, model, loaders: Loaders, out: Outcome) -
         tracking.log_metrics({"bounds/base_lr": base_lr, "bounds/max_lr": max_lr})
     momentum = (cfg.base_momentum, cfg.max_momentum) if cfg.cycle_momentum else None
     scheduler = ScheduleLR(stepper.optimizer, schedule, momentum)
+    evaluator = classification_eval(stepper.device, stepper.amp)
     with tracking.IterationLogger(out.run_id, log_every=cfg.log_every) as sink:
-        result = train(stepper, scheduler, loaders.train, total, val_loader=loaders.held_out,
-                       evaluator=classification_eval(stepper.device, stepper.amp), beta=cfg.beta, sink=sink)
+        result = train(stepper, scheduler, loaders.train, total, val_loader=loaders.val, evaluator=evaluator,
+                       beta=cfg.beta, sink=sink)
+    # The test split, once, after training: nothing (bounds, epochs) was chosen on it.
+    test = evaluate(evaluator, stepper.model, loaders.test)
+    out.test_accuracy = test["accuracy"]
     cycle_len = 2 * step_size if isinstance(schedule, CyclicLR) else None
     tracking.log_figure(plots.schedule_figure(result.lrs, cycle_len), "train/schedule.png")
     tracking.log_figure(plots.training_figure(result.epochs, result.lrs), "train/curves.png")
     tracking.log_frame_csv(result.epochs, "train/epochs.csv")
     tracking.log_frame_csv(result.to_frame(), "train/curve.csv")
-    tracking.log_metrics({"test/accuracy": result.final_accuracy, "test/best_accuracy": result.best_accuracy,
-                        "time/train_seconds": result.seconds})
+    tracking.log_metrics({"test/accuracy": test["accuracy"], "test/loss": test["val_loss"],
+                          "val/best_accuracy": result.best_accuracy, "time/train_seconds": result.seconds})
     if cfg.save_model:
         tracking.log_state_dict(model.state_dict(), "train/model.pt")
     return result

@@ -38,6 +38,7 @@ class TrainResult:
 
     @property
     def final_accuracy(self) -> float:
+        """Validation accuracy after the last epoch."""
         return float(self.epochs["val_accuracy"].iloc[-1])
 
     @property

@@ -77,7 +77,8 @@ def test_range_test_params_tags_and_chosen_bounds(range_run):
     run = MlflowClient().get_run(out.run_id)
     p = run.data.params
     assert p["lr_end"] == "10.0" and p["bounds_rule"] == "steepest" and p["eval_every"] == "10"
-    assert p["data.train_size"] == "2000" and p["data.test_size"] == "200" and len(p["data.digest"]) == 16
+    assert p["data.train_size"] == "1800" and p["data.val_size"] == "200" and p["data.test_size"] == "200"
+    assert len(p["data.digest"]) == 16 and p["data.validation"].startswith("held out from the training images")
     assert "policy" not in p  # a range test alone logs only what it used
     assert run.data.tags["bounds_rule"] == "steepest" and run.data.tags["clr_mlflow.device"] == "cpu"
     base_lr, max_lr, _ = out.bounds
@@ -102,7 +103,7 @@ def test_bounds_table_through_load_table_and_artifacts(range_run):
 
 def test_training_history_equals_the_schedule_and_epoch_metrics_line_up(store, base):
     cfg = Config(**base, limit_train=320, limit_test=100, policy="triangular2", base_lr=0.01, max_lr=0.1,
-                 step_size=3, cycles=2, experiment="it_train")  # 5 iterations per epoch, 12 iterations
+                 step_size=3, cycles=2, experiment="it_train")  # 288 after validation: 4 iterations an epoch
     out = execute(cfg, "run")
     assert out.range_test is None  # bounds given: no range test
     steps, lrs = history(out.run_id, "train/lr")
@@ -112,11 +113,12 @@ def test_training_history_equals_the_schedule_and_epoch_metrics_line_up(store, b
     _, raw = history(out.run_id, "train/loss")
     np.testing.assert_allclose(history(out.run_id, "train/smoothed_loss")[1], smooth(raw, 0.98), rtol=1e-12)
     for key in ("val/accuracy", "val/loss", "train/epoch_loss", "train/epoch_accuracy"):
-        assert list(history(out.run_id, key)[0]) == [4, 9, 11], key
+        assert list(history(out.run_id, key)[0]) == [3, 7, 11], key
     run = MlflowClient().get_run(out.run_id)
     m, p, t = run.data.metrics, run.data.params, run.data.tags
-    assert m["test/accuracy"] == history(out.run_id, "val/accuracy")[1][-1]
-    assert m["test/best_accuracy"] == max(history(out.run_id, "val/accuracy")[1])
+    assert out.loaders.test.passes == 1 and out.loaders.val.passes == 3  # test once; validation every epoch
+    assert m["test/accuracy"] == out.test_accuracy and "test/best_accuracy" not in m
+    assert m["val/best_accuracy"] == max(history(out.run_id, "val/accuracy")[1])
     assert m["time/train_seconds"] > 0 and "time/range_test_seconds" not in m  # no range test ran
     assert p["bounds_source"] == "given" and p["effective.step_size"] == "3" and p["total_iters"] == "12"
     assert t["policy"] == "triangular2" and t["bounds_rule"] == "given"
@@ -188,3 +190,28 @@ def test_a_diverging_training_keeps_everything_up_to_the_failure(store, base):
     first_bad = int(np.flatnonzero(~np.isfinite(raw))[0])
     assert f"at iteration {first_bad}:" in str(failure.value)
     assert len(history(run["run_id"], "train/lr")[0]) == len(steps)
+
+
+def test_validation_split_is_disjoint_class_balanced_and_seeded(cifar, data_dir):
+    from clr_mlflow import data
+    from clr_mlflow.loaders import split_validation
+
+    ds = data.load(str(cifar), data_dir, limit_train=1000, limit_test=100, seed=0)
+    keep, val = split_validation(ds.train.y, 0.1, seed=0)
+    assert len(val) == 100 and len(keep) == 900 and not set(keep) & set(val)
+    assert sorted(set(keep) | set(val)) == list(range(1000))
+    assert np.bincount(ds.train.y[val], minlength=10).tolist() == [10] * 10
+    again, other = split_validation(ds.train.y, 0.1, seed=0)[1], split_validation(ds.train.y, 0.1, seed=1)[1]
+    assert np.array_equal(val, again) and not np.array_equal(val, other)
+    # no validation image is a training image, pixel for pixel
+    train_rows = {bytes(x) for x in ds.train.x[keep]}
+    assert not any(bytes(x) in train_rows for x in ds.train.x[val])
+
+
+def test_val_fraction_zero_validates_on_the_test_split_and_says_so(store, base):
+    cfg = Config(**base, limit_train=320, limit_test=100, val_fraction=0.0, policy="fixed", base_lr=0.01, max_lr=0.02,
+                 iterations=5, save_model=False, experiment="it_val0")
+    out = execute(cfg, "train")
+    assert out.loaders.val is out.loaders.test
+    p = MlflowClient().get_run(out.run_id).data.params
+    assert p["data.validation"] == "the test split (val_fraction=0)" and p["data.val_size"] == "100"

@@ -94,7 +94,7 @@ def test_model_and_data_plugins_through_the_cli(user_project):
     run = MlflowClient().get_run(runs["run_id"][0])
     p, m = run.data.params, run.data.metrics
     assert p["model"] == "my_pkg.nets:build" and p["data.source"] == "plugin:my_pkg.data:load"
-    assert p["data.num_classes"] == "2" and p["data.train_size"] == "400" and p["data.image_shape"] == "3x16x16"
+    assert p["data.num_classes"] == "2" and p["data.train_size"] == "360" and p["data.image_shape"] == "3x16x16"
     n = history_len(run.info.run_id, "range_test/lr")
     assert 2 <= n <= 20 and n == m["range_test/iterations"]
     assert history_len(run.info.run_id, "train/lr") == 30 and history_len(run.info.run_id, "val/accuracy") == 2

@@ -86,7 +86,7 @@ def mlflow_run(entry, params, env):
 
 @pytest.mark.parametrize("entry", ["range_test", "main"])
 def test_mlflow_run_end_to_end(store_env, cifar, data_dir, entry):
-    small = dict(data=cifar, data_dir=data_dir, limit_train=512, limit_test=100, batch_size=64, num_iters=40,
+    small = dict(data=cifar, data_dir=data_dir, limit_train=512, limit_test=100, batch_size=32, num_iters=40,
                  lr_start=1e-4, lr_end=10, device="cpu")
     if entry == "main":
         small |= dict(step_size=4, cycles=1, policy="triangular2", bounds_rule="min_div10")
@@ -120,7 +120,7 @@ def test_mlproject_is_what_the_generator_writes():
 
 def test_sweep_script_trains_every_policy_and_compares(store_env, cifar, data_dir):
     env = dict(store_env, EXPERIMENT="sweep", JOBS="2", TRAIN_ARGS="-P step_size=2 -P cycles=1 -P save_model=false")
-    args = ["-P", f"data={cifar}", "-P", f"data_dir={data_dir}", "-P", "limit_train=320", "-P", "limit_test=100",
+    args = ["-P", f"data={cifar}", "-P", f"data_dir={data_dir}", "-P", "limit_train=400", "-P", "limit_test=100",
             "-P", "batch_size=32", "-P", "device=cpu"]
     env["RANGE_ARGS"] = "-P num_iters=30 -P lr_start=1e-4 -P lr_end=1 -P bounds_rule=loss_edge"
     res = subprocess.run(["bash", str(REPO / "scripts" / "sweep_policies.sh"), *args], capture_output=True, text=True,
@@ -137,7 +137,7 @@ def test_sweep_script_trains_every_policy_and_compares(store_env, cifar, data_di
 
 
 def test_cli_range_test_then_reproduce_and_compare(store_env, cifar, data_dir):
-    args = ["--data", str(cifar), "--data-dir", str(data_dir), "--limit-train", "320", "--limit-test", "64",
+    args = ["--data", str(cifar), "--data-dir", str(data_dir), "--limit-train", "400", "--limit-test", "64",
             "--batch-size", "32", "--num-iters", "12", "--lr-start", "1e-4", "--lr-end", "1", "--experiment", "cli"]
     first = cli("range-test", *args, env=store_env)
     assert first.returncode == 0, first.stderr[-2000:]

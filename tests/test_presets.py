@@ -1,0 +1,39 @@
+"""The paper's preset is the paper's: Caffe's per-parameter lr and decay multipliers."""
+import pytest
+import torch
+
+import clr_mlflow
+from clr_mlflow.config import Config
+from clr_mlflow.engine import make_optimizer
+from clr_mlflow.models import build_model
+from clr_mlflow.presets import apply_preset, param_groups
+
+
+def test_smith2017_groups_follow_caffes_cifar10_full_prototxt():
+    cfg, _ = apply_preset(Config(preset="smith2017_cifar10", policy="triangular"))
+    model = build_model(cfg.model, 10)
+    opt = make_optimizer(model, cfg.optimizer, cfg.base_lr, cfg.momentum, cfg.nesterov, cfg.weight_decay,
+                         param_groups(cfg, model))
+    weights, classifier, biases = opt.param_groups
+    conv_weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    all_biases = [p for n, p in model.named_parameters() if n.endswith("bias")]
+    assert {id(p) for p in weights["params"]} == {id(p) for p in conv_weights}
+    assert classifier["params"] == [model[-1].weight]
+    assert {id(p) for p in biases["params"]} == {id(p) for p in all_biases} and len(all_biases) == 4
+    assert (weights["weight_decay"], classifier["weight_decay"], biases["weight_decay"]) == \
+        pytest.approx((0.004, 1.0, 0.0))
+    assert (weights["lr"], classifier["lr"], biases["lr"]) == pytest.approx((0.001, 0.001, 0.002))
+    # the cyclical schedule keeps every bias at 2x the lr, all along
+    sched = clr_mlflow.clr_scheduler(opt, "triangular", 0.001, 0.006, step_size=5)
+    for _ in range(12):
+        lrs = sched.get_last_lr()
+        assert lrs[2] == pytest.approx(2 * lrs[0]) and lrs[1] == pytest.approx(lrs[0])
+        opt.step()
+        sched.step()
+
+
+def test_without_a_preset_there_is_one_group():
+    cfg = Config()
+    model = build_model(cfg.model, 10)
+    assert param_groups(cfg, model) is None
+    assert len(make_optimizer(model, "sgd", 0.1, 0.9, True, 5e-4).param_groups) == 1
