@@ -6,6 +6,7 @@ all NaN, no accuracy measured) gives a row whose `note` says why, never an excep
 from __future__ import annotations
 
 import bisect
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -224,3 +225,32 @@ def bounds_frame(suggestions: list[Suggestion], selected: str) -> pd.DataFrame:
             "note": [s.note for s in suggestions],
         }
     )
+
+
+def spread_frame(tables: list[pd.DataFrame]) -> pd.DataFrame:
+    """The bounds table over several seeds' tables (same rules, same order): per rule,
+    base_lr and max_lr are the medians over the seeds where the rule answered,
+    max_lr_min/max_lr_max their range and `seeds` how many answered. The note is the
+    first seed's, with how many seeds gave no bounds when some did not."""
+    first = tables[0]
+    base = np.array([t["base_lr"].to_numpy(dtype=float) for t in tables])
+    top = np.array([t["max_lr"].to_numpy(dtype=float) for t in tables])
+    ok = np.isfinite(base) & np.isfinite(top)
+    answered = ok.sum(axis=0)
+    masked = np.where(ok, top, np.nan)
+    with warnings.catch_warnings():  # a rule no seed answered: an all-NaN column, NaN in the table
+        warnings.simplefilter("ignore", RuntimeWarning)
+        table = pd.DataFrame({
+            "rule": first["rule"],
+            "base_lr": np.nanmedian(np.where(ok, base, np.nan), axis=0),
+            "max_lr": np.nanmedian(masked, axis=0),
+            "max_lr_min": np.nanmin(masked, axis=0),
+            "max_lr_max": np.nanmax(masked, axis=0),
+            "seeds": answered,
+            "selected": first["selected"],
+            "note": first["note"],
+        })
+    partly = (answered > 0) & (answered < len(tables))
+    table.loc[partly, "note"] = [f"{n}; {len(tables) - a} of {len(tables)} seeds gave no bounds".lstrip("; ")
+                                 for n, a in zip(table.loc[partly, "note"], answered[partly])]
+    return table

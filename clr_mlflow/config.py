@@ -62,6 +62,7 @@ class Config:
     eval_every: int = _p(0, "held-out accuracy and loss every this many range-test iterations (0 = off)", (RANGE,))
     bounds_rule: str = _p("min_div10", f"rule whose bounds are chosen: {', '.join(RULES)}", (RANGE,))
     bounds_divisor: float = _p(4.0, "base_lr = max_lr / bounds_divisor for the loss rules", (RANGE,))
+    seeds: int = _p(1, "range tests from this many initialisations and data orders; the bounds table gives each rule's median bounds and their spread", (RANGE,))
     # training
     policy: str = _p("triangular", f"lr policy: {', '.join(POLICIES)}", (TRAIN,))
     base_lr: float = _p(0.0, "lower lr bound (0 = from the range test or bounds_from)", (TRAIN,))
@@ -139,6 +140,7 @@ def validate(cfg: Config, phases: tuple[str, ...], require_bounds: bool = False)
         _need(cfg.diverge > 1, "diverge", "value > 1 for", cfg.diverge)
         _need(cfg.eval_every >= 0, "eval_every", "non-negative integer", cfg.eval_every)
         _need(cfg.bounds_divisor > 1, "bounds_divisor", "value > 1 for", cfg.bounds_divisor)
+        _need(1 <= cfg.seeds <= 1000, "seeds", "integer in [1, 1000] for", cfg.seeds)
         if cfg.bounds_rule == "accuracy" and cfg.eval_every == 0:
             raise ConfigError("Expected eval_every > 0 with bounds_rule=accuracy, but got eval_every=0")
     if TRAIN in phases:

@@ -68,7 +68,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
-def _generator(loader) -> torch.Generator | None:
+def data_generator(loader) -> torch.Generator | None:
     """The torch.Generator that orders a loader's data (ours and DataLoader keep one in
     `.generator`; a DataLoader without one draws from torch's global RNG, saved anyway)."""
     g = getattr(loader, "generator", None)
@@ -87,7 +87,7 @@ class Snapshot:
         self.training = model.training
         self.rng = (random.getstate(), np.random.get_state(), torch.get_rng_state(),
                     torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
-        self.data_rng = [(g, g.get_state()) for g in map(_generator, loaders) if g is not None]
+        self.data_rng = [(g, g.get_state()) for g in map(data_generator, loaders) if g is not None]
 
     def restore(self) -> None:
         self.model.load_state_dict(self.weights)

@@ -18,11 +18,13 @@ from .bounds import RULES
 from .curve import SWEEPS, sweep_lrs
 from .engine import NullSink, Snapshot
 from .range_test import RangeTestResult, range_test
+from .seeds import combine, run_seeds
 from .steps import CrossEntropy, LossFn, Stepper, classification_eval, inputs_and_targets, metric_eval, \
     model_device
 
 MIN_STEPS = 10           # a loader shorter than this many optimizer steps cannot show a curve
 MAX_ITERS = 10_000_000   # beyond any real range test: a typo, not a request
+MAX_SEEDS = 1000
 
 
 def _need(ok: bool, name: str, expected: str, value) -> None:
@@ -57,6 +59,7 @@ def lr_find(
     metric_fn: Callable[[nn.Module, Iterable], float] | None = None,
     bounds_rule: str = "min_div10",
     bounds_divisor: float = 4.0,
+    seeds: int = 1,
     device: str | torch.device | None = None,
     amp: torch.dtype | None = None,
     track: bool = True,
@@ -81,6 +84,10 @@ def lr_find(
       accuracy-vs-lr test and `bounds_rule="accuracy"`.
     - Param groups are swept in proportion to their starting lrs; `lrs` and the bounds
       are param group 0's.
+    - `seeds=K`: K range tests, seed 0 the model as given, seeds 1..K-1 re-initialised
+      (`reset_parameters()`) with new data orders; the bounds table gives per rule the
+      median bounds over seeds with `max_lr_min`, `max_lr_max` and `seeds` (how many
+      answered), and `seed_results` holds every seed's curve.
     - `track`: log into the active MLflow run, or a new one (`range_test/*` series,
       bounds table, curve.csv, curve.png).
 
@@ -105,6 +112,7 @@ def lr_find(
     _need(_is_int(accumulate, 1), "accumulate", "positive integer", accumulate)
     _need(_is_int(eval_every, 0), "eval_every", "non-negative integer", eval_every)
     _need(_is_int(log_every, 1), "log_every", "positive integer", log_every)
+    _need(_is_int(seeds, 1) and seeds <= MAX_SEEDS, "seeds", f"integer in [1, {MAX_SEEDS}] for", seeds)
     _need((val_loader is None) == (eval_every == 0), "eval_every" if val_loader is not None else "val_loader",
           "both val_loader and a positive eval_every, or neither, for", eval_every)
     _need(metric_fn is None or callable(metric_fn), "metric_fn", "a callable(model, val_loader) -> float as",
@@ -137,12 +145,16 @@ def lr_find(
             tracking.log_params({"lr_start": start_lr, "lr_end": end_lr, "num_iters": num_iters, "sweep": sweep,
                                  "beta": beta, "diverge": diverge, "accumulate": accumulate,
                                  "eval_every": eval_every, "bounds_rule": bounds_rule,
-                                 "bounds_divisor": bounds_divisor})
+                                 "bounds_divisor": bounds_divisor, "seeds": seeds})
             sink = stack.enter_context(tracking.IterationLogger(run_id, log_every=log_every))
-        result = range_test(stepper, loader, lrs, accumulate=accumulate, beta=beta, diverge=diverge,
-                            val_loader=val_loader, evaluator=evaluator, eval_every=eval_every, sink=sink,
-                            sweep=sweep, progress=progress)
-        result = result.with_bounds(bounds_rule, bounds_divisor)
+        def run_one(seed_sink) -> RangeTestResult:
+            return range_test(stepper, loader, lrs, accumulate=accumulate, beta=beta, diverge=diverge,
+                              val_loader=val_loader, evaluator=evaluator, eval_every=eval_every, sink=seed_sink,
+                              sweep=sweep, progress=progress)
+
+        loaders = [loader] + ([val_loader] if val_loader is not None else [])
+        results = run_seeds(run_one, model, optimizer, loaders, seeds, sink, "range_test/", scaler)
+        result = combine(results, bounds_rule, bounds_divisor)
         if track:
             sink.close()  # the curve is in MLflow before the artifacts (and before any training)
             _log_result(result)
@@ -172,7 +184,7 @@ def _log_result(result: RangeTestResult) -> None:
 
     table = result.bounds
     tracking.log_table(table, tracking.BOUNDS_TABLE)
-    tracking.log_frame_csv(result.to_frame(), "range_test/curve.csv")
+    tracking.log_frame_csv(result.curves(), "range_test/curve.csv")
     tracking.log_figure(plots.range_test_figure(result.to_frame(), table, log_x=result.sweep == "exp"),
                         "range_test/curve.png")
     tracking.set_tags({"bounds_rule": result.bounds_rule, "range_test.stop_reason": result.stop_reason})

@@ -43,21 +43,30 @@ class RangeTestResult:
     bounds: pd.DataFrame | None = None  # rule, base_lr, max_lr, selected, note
     bounds_rule: str = ""
     run_id: str | None = None
+    seed: int = 0            # which of several seeds' tests this is (see seeds.py)
+    seed_results: tuple["RangeTestResult", ...] = ()  # every seed's result, when there were several
 
     @property
     def eval_lrs(self) -> np.ndarray:
         return self.lrs[self.eval_steps]
 
     def to_frame(self) -> pd.DataFrame:
-        """One row per step: iteration, lr, loss, smoothed_loss, loss/<term>..., accuracy
-        and val_loss (NaN where not evaluated)."""
-        df = pd.DataFrame({"iteration": np.arange(len(self.lrs)), "lr": self.lrs, "loss": self.losses,
+        """One row per step: seed, iteration, lr, loss, smoothed_loss, loss/<term>...,
+        accuracy and val_loss (NaN where not evaluated)."""
+        df = pd.DataFrame({"seed": self.seed, "iteration": np.arange(len(self.lrs)), "lr": self.lrs,
+                           "loss": self.losses,
                            "smoothed_loss": self.smoothed} | {f"loss/{k}": v for k, v in self.terms.items()})
         df["accuracy"] = np.nan
         df["val_loss"] = np.nan
         df.loc[self.eval_steps, "accuracy"] = self.accuracies
         df.loc[self.eval_steps, "val_loss"] = self.val_losses
         return df
+
+    def curves(self) -> pd.DataFrame:
+        """`to_frame()` of every seed's test, one after another (the seed column tells them
+        apart); this result's own frame when there was one seed."""
+        return pd.concat([r.to_frame() for r in self.seed_results], ignore_index=True) if self.seed_results \
+            else self.to_frame()
 
     def with_bounds(self, rule: str, divisor: float = 4.0) -> "RangeTestResult":
         """This result with the bounds table of every rule, `rule` marked as selected."""

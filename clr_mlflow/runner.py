@@ -105,7 +105,8 @@ def execute(cfg: Config, command: str, tags: dict | None = None) -> Outcome:
                 net, optimizer, loaders.train, loss_fn=stepper.loss_fn, num_iters=num_iters, start_lr=cfg.lr_start,
                 end_lr=cfg.lr_end, sweep=cfg.sweep, beta=cfg.beta, diverge=cfg.diverge,
                 val_loader=loaders.val if cfg.eval_every else None, eval_every=cfg.eval_every,
-                bounds_rule=cfg.bounds_rule, bounds_divisor=cfg.bounds_divisor, device=device, amp=stepper.amp,
+                bounds_rule=cfg.bounds_rule, bounds_divisor=cfg.bounds_divisor, seeds=cfg.seeds, device=device,
+                amp=stepper.amp,
                 log_every=cfg.log_every)
             out.range_test_seconds = time.perf_counter() - t0
             tracking.log_metrics({"time/range_test_seconds": out.range_test_seconds})

@@ -374,3 +374,52 @@ def test_the_readme_example_runs_as_written(tracking, tmp_path):
     assert run["status"] == "FINISHED" and run["tags.clr_mlflow.kind"] == "range_test"
     assert len(history(run["run_id"], "train/lr")[0]) == 8 * 32
     assert len(history(run["run_id"], "range_test/lr")[0]) == run["metrics.range_test/iterations"]
+
+
+def test_three_seeds_give_median_bounds_with_their_spread(tracking):
+    from torch.utils.data import DataLoader
+
+    from clr_mlflow.bounds import bounds_frame, suggest_bounds
+
+    def loss_fn(m, b):
+        return F.mse_loss(m(b["features"]), b["target"])
+
+    whole = dict_batches(1, size=320, seed=3)[0]
+    items = [{"features": f, "target": t} for f, t in zip(whole["features"], whole["target"])]
+
+    def setup():  # a DataLoader of dict items: each seed draws its own data order
+        model, opt = regression_setup(3)
+        return model, opt, DataLoader(items, batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(0))
+
+    model, opt, batches = setup()
+    before = state_of(model, opt)
+    args = dict(loss_fn=loss_fn, num_iters=40, start_lr=1e-4, end_lr=0.5, bounds_rule="valley")
+    result = clr_mlflow.lr_find(model, opt, batches, seeds=3, progress=False, **args)
+    assert_restored(model, opt, before)
+    seeds = result.seed_results
+    assert [r.seed for r in seeds] == [0, 1, 2] and len({r.losses[0] for r in seeds}) == 3  # three initialisations
+    single = clr_mlflow.lr_find(*setup(), track=False, progress=False, **args)
+    np.testing.assert_array_equal(single.losses, seeds[0].losses)  # seed 0 is the model as given
+    # the table against the rules run seed by seed
+    table = result.bounds.set_index("rule")
+    per_seed = [bounds_frame(suggest_bounds(r.lrs, r.smoothed), "valley").set_index("rule") for r in seeds]
+    for rule in ("min_div10", "steepest", "loss_edge", "valley"):
+        tops = np.array([t.loc[rule, "max_lr"] for t in per_seed])
+        ok = np.isfinite(tops)
+        assert table.loc[rule, "seeds"] == ok.sum()
+        assert table.loc[rule, "max_lr"] == pytest.approx(np.median(tops[ok]))
+        assert (table.loc[rule, "max_lr_min"], table.loc[rule, "max_lr_max"]) == pytest.approx(
+            (tops[ok].min(), tops[ok].max()))
+    assert table.loc["accuracy", "seeds"] == 0 and np.isnan(table.loc["accuracy", "max_lr"])
+    assert result.suggest() == (table.loc["valley", "base_lr"], table.loc["valley", "max_lr"])
+    # MLflow: seed 0's series as usual, every seed's smoothed loss, a curve.csv with a seed column
+    for k, r in enumerate(seeds):
+        steps, values = history(result.run_id, f"range_test/seed{k}/smoothed_loss")
+        np.testing.assert_array_equal(steps, np.arange(len(r.lrs)))
+        np.testing.assert_allclose(values, r.smoothed, rtol=1e-12)
+    np.testing.assert_allclose(history(result.run_id, "range_test/loss")[1], seeds[0].losses, rtol=1e-12)
+    import pandas as pd
+
+    csv = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=result.run_id, artifact_path="range_test/curve.csv"))
+    assert csv.groupby("seed").size().to_dict() == {k: len(r.lrs) for k, r in enumerate(seeds)}
+    assert MlflowClient().get_run(result.run_id).data.params["seeds"] == "3"

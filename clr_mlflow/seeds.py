@@ -1,0 +1,87 @@
+"""Several range tests of one setting, from different initialisations and data orders,
+and how much their bounds agree: a suggestion read off one curve can move tenfold with
+the seed, so the table gives the median and the spread.
+
+Seed 0 is the model as given; seed k > 0 re-initialises every module that has
+`reset_parameters()` under `torch.manual_seed(base + k)` and re-seeds the loader's data
+order (base: the seed torch was last given). Meant for models trained from scratch.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from .bounds import spread_frame
+from .engine import Sink, Snapshot, data_generator
+from .range_test import RangeTestResult
+
+
+def reseed(model: nn.Module, loader: Iterable, seed: int) -> None:
+    """New initial weights and a new data order, both from `seed`."""
+    torch.manual_seed(seed)
+    for module in model.modules():
+        reset = getattr(module, "reset_parameters", None)
+        if callable(reset):
+            reset()
+    generator = data_generator(loader)
+    if generator is not None:
+        generator.manual_seed(seed)
+
+
+class SeedSink:
+    """What seed k's loop reports: seed 0 keeps the usual series; every seed's smoothed
+    loss also goes to `<prefix>seed<k>/smoothed_loss`."""
+
+    def __init__(self, sink: Sink, seed: int, prefix: str):
+        self.sink, self.seed, self.prefix = sink, seed, prefix
+
+    def series(self, steps, values: dict) -> None:
+        out = {f"{self.prefix}seed{self.seed}/smoothed_loss": values[self.prefix + "smoothed_loss"]}
+        self.sink.series(steps, (values | out) if self.seed == 0 else out)
+
+    def points(self, steps, values: dict) -> None:
+        if self.seed == 0:
+            self.sink.points(steps, values)
+
+
+def run_seeds(run_one: Callable[[Sink], RangeTestResult], model: nn.Module, optimizer: torch.optim.Optimizer,
+              loaders: list[Iterable], seeds: int, sink: Sink, prefix: str, scaler=None) -> list[RangeTestResult]:
+    """`run_one(sink)` once per seed; the model, optimizer, data order and RNGs are put
+    back as they were before seed 0 afterwards."""
+    if seeds == 1:
+        return [run_one(sink)]
+    base = torch.initial_seed()
+    outer = Snapshot(model, optimizer, *loaders, scaler=scaler)
+    results = []
+    try:
+        for k in range(seeds):
+            if k:
+                reseed(model, loaders[0], base + k)
+            results.append(dataclasses.replace(run_one(SeedSink(sink, k, prefix)), seed=k))
+    finally:
+        outer.restore()
+    return results
+
+
+def combine(results: list[RangeTestResult], rule: str, divisor: float) -> RangeTestResult:
+    """Seed 0's result carrying every seed's result and the bounds table over all seeds."""
+    tables = [r.with_bounds(rule, divisor).bounds for r in results]
+    return dataclasses.replace(results[0], bounds=spread_frame(tables), bounds_rule=rule,
+                               seed_results=tuple(results))
+
+
+def median_curve(results: list[RangeTestResult]) -> pd.DataFrame:
+    """Per step (every seed swept the same lrs): lr, and the median, min and max of the
+    smoothed loss over the seeds that got that far."""
+    n = max(len(r.lrs) for r in results)
+    stacked = np.full((len(results), n), np.nan)
+    for i, r in enumerate(results):
+        stacked[i, :len(r.smoothed)] = r.smoothed
+    longest = max(results, key=lambda r: len(r.lrs))
+    return pd.DataFrame({"lr": longest.lrs, "median": np.nanmedian(stacked, 0), "low": np.nanmin(stacked, 0),
+                         "high": np.nanmax(stacked, 0)})
