@@ -1,0 +1,269 @@
+"""A real PostgreSQL 15 and a real `mlflow server` on it, for tests and scripts/bench_store.py.
+
+`PostgresServer` runs initdb / pg_ctl in a fresh temporary directory as the unprivileged
+`postgres` user (when we are root; as ourselves otherwise), listening only on 127.0.0.1 on
+a free port with its unix socket in that directory, and creates one database.
+`MlflowServer` runs `mlflow server --backend-store-uri postgresql://... --serve-artifacts`
+in its own process group on another free loopback port and waits for `/health`.
+Both are context managers that stop their process and remove their directory on exit.
+The pytest fixtures `pg_server` and `mlflow_server` (session-scoped) wrap them.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+LOOPBACK = "127.0.0.1"
+PG_USER = "postgres"
+
+
+def _pg_driver() -> str:
+    for name, module in (("psycopg2", "psycopg2"), ("psycopg", "psycopg")):
+        try:
+            __import__(module)
+            return name
+        except ImportError:
+            pass
+    return "psycopg2"
+
+
+PG_DRIVER = _pg_driver()
+
+
+def pg_bin_dir() -> Path | None:
+    """Folder holding initdb, pg_ctl and postgres: $CLR_MLFLOW_PG_BIN, else PostgreSQL 15's
+    Debian location, else wherever initdb is on PATH; None when they are truly absent."""
+    candidates = [os.environ.get("CLR_MLFLOW_PG_BIN"), "/usr/lib/postgresql/15/bin"]
+    if shutil.which("initdb"):
+        candidates.append(str(Path(shutil.which("initdb")).parent))
+    for c in candidates:
+        if c and all((Path(c) / exe).is_file() for exe in ("initdb", "pg_ctl", "postgres")):
+            return Path(c)
+    return None
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((LOOPBACK, 0))
+        return s.getsockname()[1]
+
+
+def _tail(path: Path, n: int = 3000) -> str:
+    try:
+        return path.read_text(errors="replace")[-n:]
+    except OSError:
+        return "(no log)"
+
+
+class PostgresServer:
+    """A throwaway PostgreSQL cluster: `with PostgresServer() as pg: pg.uri`.
+
+    durable=False (the tests' default) turns off fsync and synchronous commit: the data
+    is thrown away anyway. durable=True keeps PostgreSQL's defaults (for benchmarks)."""
+
+    def __init__(self, database: str = "mlflow", durable: bool = False, bin_dir: Path | None = None,
+                 start_timeout: float = 60.0):
+        self.bin = bin_dir or pg_bin_dir()
+        if self.bin is None:
+            raise FileNotFoundError("PostgreSQL binaries (initdb, pg_ctl, postgres) not found")
+        self.database = database
+        self.durable = durable
+        self.start_timeout = start_timeout
+        self.root: Path | None = None
+        self.port: int | None = None
+        self.started = False
+
+    # Commands run as the postgres user when we are root (initdb refuses to run as root).
+    def _as_owner(self) -> list[str]:
+        return ["runuser", "-u", PG_USER, "--"] if os.geteuid() == 0 else []
+
+    def _run(self, *args, check=True, timeout=None) -> subprocess.CompletedProcess:
+        cmd = self._as_owner() + [str(self.bin / args[0]), *map(str, args[1:])]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=self.root,
+                             env=os.environ | {"LC_ALL": "C", "PGTZ": "UTC"})
+        if check and out.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed ({out.returncode}):\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}"
+                               f"\n--- server log ---\n{_tail(self.log)}")
+        return out
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def log(self) -> Path:
+        return self.root / "postgres.log"
+
+    @property
+    def uri(self) -> str:
+        # The driver is named: SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3, while the
+        # test extra installs psycopg2-binary.
+        return f"postgresql+{PG_DRIVER}://{PG_USER}@{LOOPBACK}:{self.port}/{self.database}"
+
+    def start(self) -> "PostgresServer":
+        # Directly under the system temp dir (not pytest's 0700 tree), so the postgres user
+        # can reach it; the directory itself is handed over to that user.
+        self.root = Path(tempfile.mkdtemp(prefix="clr_mlflow_pg_"))
+        if os.geteuid() == 0:
+            owner = pwd.getpwnam(PG_USER)
+            os.chown(self.root, owner.pw_uid, owner.pw_gid)
+        os.chmod(self.root, 0o700)
+        self._run("initdb", "-D", self.data, "-U", PG_USER, "--auth=trust", "--encoding=UTF8", "--locale=C",
+                  "--no-sync", timeout=120)
+        settings = [f"listen_addresses={LOOPBACK}", f"unix_socket_directories={self.root}", "max_connections=100",
+                    "shared_buffers=32MB", "logging_collector=off"]
+        if not self.durable:
+            settings += ["fsync=off", "synchronous_commit=off", "full_page_writes=off"]
+        last_error = None
+        for _attempt in range(3):  # the free port may be taken between free_port() and the bind
+            self.port = free_port()
+            opts = " ".join(f"-c {s}" for s in settings) + f" -p {self.port}"
+            out = self._run("pg_ctl", "-D", self.data, "-l", self.log, "-o", opts, "-w", "-t",
+                            int(self.start_timeout), "start", check=False, timeout=self.start_timeout + 30)
+            if out.returncode == 0:
+                self.started = True
+                break
+            last_error = f"{out.stdout}\n{out.stderr}\n{_tail(self.log)}"
+        else:
+            raise RuntimeError(f"PostgreSQL did not start:\n{last_error}")
+        self._run("createdb", "-h", LOOPBACK, "-p", self.port, "-U", PG_USER, self.database, timeout=60)
+        return self
+
+    def stop(self) -> None:
+        try:
+            if self.started:
+                self._run("pg_ctl", "-D", self.data, "stop", "-m", "fast", "-w", "-t", 60, check=False, timeout=90)
+                self.started = False
+        finally:
+            if self.root is not None:
+                shutil.rmtree(self.root, ignore_errors=True)
+                self.root = None
+
+    def __enter__(self) -> "PostgresServer":
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class MlflowServer:
+    """`mlflow server` on a backend store URI, proxying artifacts into a temporary folder:
+    `with MlflowServer(pg.uri) as server: server.uri` (http://127.0.0.1:PORT)."""
+
+    def __init__(self, backend_uri: str, workers: int = 2, start_timeout: float = 180.0):
+        self.backend_uri = backend_uri
+        self.workers = workers
+        self.start_timeout = start_timeout
+        self.root: Path | None = None
+        self.proc: subprocess.Popen | None = None
+        self.port: int | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}"
+
+    @property
+    def log(self) -> Path:
+        return self.root / "server.log"
+
+    def _healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as r:
+                return r.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def start(self) -> "MlflowServer":
+        self.root = Path(tempfile.mkdtemp(prefix="clr_mlflow_server_"))
+        (self.root / "artifacts").mkdir()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+        mlflow_cli = Path(sys.executable).with_name("mlflow")
+        for _attempt in range(3):
+            self.port = free_port()
+            cmd = [str(mlflow_cli) if mlflow_cli.exists() else "mlflow", "server",
+                   "--backend-store-uri", self.backend_uri,
+                   "--artifacts-destination", str(self.root / "artifacts"), "--serve-artifacts",
+                   "--host", LOOPBACK, "--port", str(self.port), "--workers", str(self.workers)]
+            with open(self.log, "ab") as log:
+                self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=self.root, env=env,
+                                             start_new_session=True)
+            deadline = time.monotonic() + self.start_timeout
+            while time.monotonic() < deadline and self.proc.poll() is None and not self._healthy():
+                time.sleep(0.5)
+            if self.proc.poll() is None and self._healthy():
+                return self
+            exited = self.proc.poll() is not None
+            self._kill()
+            if not exited or "address already in use" not in _tail(self.log).lower():
+                why = "exited" if exited else f"did not answer /health within {self.start_timeout:.0f}s"
+                raise RuntimeError(f"mlflow server on {self.backend_uri} {why}:\n{_tail(self.log, 6000)}")
+        raise RuntimeError(f"mlflow server could not bind a free port:\n{_tail(self.log, 6000)}")
+
+    def _kill(self) -> None:
+        if self.proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=15)
+        # workers that outlived their parent are still in the group
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc = None
+
+    def stop(self) -> None:
+        try:
+            self._kill()
+        finally:
+            if self.root is not None:
+                shutil.rmtree(self.root, ignore_errors=True)
+                self.root = None
+
+    def __enter__(self) -> "MlflowServer":
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """A real PostgreSQL 15 on 127.0.0.1 with an empty database; yields its postgresql:// URI."""
+    if pg_bin_dir() is None:
+        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl, postgres) are not installed: "
+                    "looked in $CLR_MLFLOW_PG_BIN, /usr/lib/postgresql/15/bin and PATH")
+    with PostgresServer() as pg:
+        yield pg.uri
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(pg_server):
+    """A real `mlflow server` on the PostgreSQL database, serving artifacts; yields its http URI."""
+    with MlflowServer(pg_server) as server:
+        yield server.uri
