@@ -97,89 +97,120 @@ class RangeTestResult:
         return range_test_figure(self.to_frame(), bounds, log_x=self.sweep == "exp")
 
 
+class _Curve:
+    """The curve as the loop makes it: each step's losses wait on the device; `flush`
+    brings the pending chunk to the host, smooths it, cuts it at the first step that trips
+    the stop rule, keeps it and reports it to the sink."""
+
+    def __init__(self, lrs: np.ndarray, sync_every: int, device: torch.device, beta: float, diverge: float,
+                 sink: Sink, prefix: str):
+        self.lrs, self.sink, self.prefix, self.device = lrs, sink, prefix, device
+        self.smoother, self.rule = EMASmoother(beta), DivergenceRule(diverge)
+        self.buf = torch.empty(sync_every, device=device)
+        self.term_bufs: dict[str, torch.Tensor] = {}
+        self.losses: list[np.ndarray] = []
+        self.smoothed: list[np.ndarray] = []
+        self.terms: dict[str, list[np.ndarray]] = {}
+        self.evals: list[tuple[int, float, float]] = []
+        self.pending_evals: list[tuple[int, float, float]] = []
+        self.start, self.n = 0, 0     # the pending chunk: steps start .. start + n - 1
+        self.stop_reason: str | None = None
+
+    @property
+    def next_step(self) -> int:
+        return self.start + self.n
+
+    def add(self, loss: torch.Tensor, terms: dict[str, torch.Tensor]) -> None:
+        self.buf[self.n] = loss
+        for name, value in terms.items():
+            if name not in self.term_bufs:
+                self.term_bufs[name] = torch.full(self.buf.shape, float("nan"), device=self.device)
+                self.terms[name] = [np.full(self.next_step, np.nan)]
+            self.term_bufs[name][self.n] = value
+        self.n += 1
+
+    def add_eval(self, step: int, values: dict[str, float]) -> None:
+        self.pending_evals.append((step, values["accuracy"], values.get("val_loss", np.nan)))
+
+    def flush(self) -> int:
+        """Report the pending chunk; returns how many of its steps were kept."""
+        start, n, p = self.start, self.n, self.prefix
+        raw = self.buf[:n].double().cpu().numpy()
+        smoothed = self.smoother.update(raw)
+        bad = self.rule.first_stop(raw, smoothed, start)
+        keep = n if bad is None else bad + 1
+        if bad is not None:
+            self.stop_reason = self.rule.reason
+        self.losses.append(raw[:keep])
+        self.smoothed.append(smoothed[:keep])
+        terms = {}
+        for name, tb in self.term_bufs.items():
+            terms[name] = tb[:keep].double().cpu().numpy()
+            self.terms[name].append(terms[name])
+            tb.fill_(float("nan"))
+        evals = [e for e in self.pending_evals if e[0] < start + keep]
+        self.evals += evals
+        self.pending_evals, self.start, self.n = [], start + n, 0
+        self.sink.series(np.arange(start, start + keep),
+                         {p + "lr": self.lrs[start:start + keep], p + "loss": raw[:keep],
+                          p + "smoothed_loss": smoothed[:keep]} | {f"{p}loss/{k}": v for k, v in terms.items()})
+        if evals:
+            e = np.array(evals)
+            values = {p + "accuracy": e[:, 1]}
+            if np.isfinite(e[:, 2]).any():  # a user's metric_fn gives no loss
+                values[p + "val_loss"] = e[:, 2]
+            self.sink.points(e[:, 0].astype(int), values)
+        return keep
+
+    def result(self, **fields) -> RangeTestResult:
+        losses = np.concatenate(self.losses) if self.losses else np.empty(0)
+        e = np.array(self.evals).reshape(-1, 3)
+        return RangeTestResult(
+            lrs=np.asarray(self.lrs[: len(losses)], dtype=np.float64), losses=losses,
+            smoothed=np.concatenate(self.smoothed) if self.smoothed else np.empty(0),
+            eval_steps=e[:, 0].astype(int), accuracies=e[:, 1], val_losses=e[:, 2], planned_iters=len(self.lrs),
+            stop_reason=self.stop_reason or "reached lr_end without diverging",
+            terms={k: np.concatenate(v) for k, v in self.terms.items()}, **fields)
+
+
 def range_test(stepper: Stepper, loader: Iterable, lrs: np.ndarray, *, accumulate: int = 1, beta: float = 0.98,
                diverge: float = 4.0, val_loader: Iterable | None = None, evaluator: Evaluator | None = None,
                eval_every: int = 0, sink: Sink = NullSink(), prefix: str = "range_test/",
                sync_every: int = SYNC_EVERY, sweep: str = "exp", progress: bool = True) -> RangeTestResult:
     """One optimizer step (of `accumulate` batches) per lr in `lrs`. Param group g runs at
     lrs[i] * lr_g / lr_0, so discriminative lrs keep their ratios. Model, optimizer, data
-    order and RNGs are restored afterwards, also when the loop raises."""
+    order and RNGs are restored afterwards, also when the loop raises; what it measured
+    before an error or Ctrl-C still reaches the sink."""
     model, optimizer = stepper.model, stepper.optimizer
     snapshot = Snapshot(model, optimizer, loader, *([val_loader] if val_loader is not None else []),
                         scaler=stepper.scaler)
     ratios = [g["lr"] / optimizer.param_groups[0]["lr"] for g in optimizer.param_groups]
-    smoother, rule = EMASmoother(beta), DivergenceRule(diverge)
-    device = stepper.device
-    buf = torch.empty(sync_every, device=device)
-    term_bufs: dict[str, torch.Tensor] = {}
-    kept: dict[str, list[np.ndarray]] = {"loss": [], "smoothed": []}
-    kept_terms: dict[str, list[np.ndarray]] = {}
-    evals: list[tuple[int, float, float]] = []
-    skipped, i = 0, 0
-    reason = "reached lr_end without diverging"
+    curve = _Curve(lrs, sync_every, stepper.device, beta, diverge, sink, prefix)
+    skipped = 0
     model.train()
     try:
         stream = cycle(loader)
         with tqdm(total=len(lrs), desc="range test", unit="it", leave=False, disable=not progress) as bar:
-            while i < len(lrs):
-                start, n = i, 0
-                chunk_evals = []
-                while n < sync_every and i < len(lrs):
-                    for group, ratio in zip(optimizer.param_groups, ratios):
-                        group["lr"] = float(lrs[i]) * ratio
-                    loss, terms, was_skipped = stepper.step([next(stream) for _ in range(accumulate)])
-                    if was_skipped:  # a GradScaler step: the weights did not move, so neither does the sweep
-                        skipped += 1
-                        if skipped > len(lrs):
-                            raise RuntimeError(f"GradScaler skipped {skipped} steps in a row of {len(lrs)}: "
-                                               "gradients are not finite at any scale")
-                        continue
-                    buf[n] = loss
-                    for name, value in terms.items():
-                        if name not in term_bufs:
-                            term_bufs[name] = torch.full((sync_every,), float("nan"), device=device)
-                            kept_terms[name] = [np.full(i, np.nan)]
-                        term_bufs[name][n] = value
-                    n += 1
-                    i += 1
-                    if val_loader is not None and eval_every and i % eval_every == 0:
-                        result = evaluate(evaluator, model, val_loader)
-                        chunk_evals.append((i - 1, result["accuracy"], result.get("val_loss", np.nan)))
-                raw = buf[:n].double().cpu().numpy()
-                smoothed = smoother.update(raw)
-                bad = rule.first_stop(raw, smoothed, start)
-                keep = n if bad is None else bad + 1
-                kept["loss"].append(raw[:keep])
-                kept["smoothed"].append(smoothed[:keep])
-                term_values = {}
-                for name, tb in term_bufs.items():
-                    term_values[name] = tb[:keep].double().cpu().numpy()
-                    kept_terms[name].append(term_values[name])
-                    tb.fill_(float("nan"))
-                chunk_evals = [e for e in chunk_evals if e[0] < start + keep]
-                evals += chunk_evals
-                steps = np.arange(start, start + keep)
-                sink.series(steps, {prefix + "lr": lrs[start:start + keep], prefix + "loss": raw[:keep],
-                                    prefix + "smoothed_loss": smoothed[:keep]}
-                            | {f"{prefix}loss/{k}": v for k, v in term_values.items()})
-                if chunk_evals:
-                    e = np.array(chunk_evals)
-                    values = {prefix + "accuracy": e[:, 1]}
-                    if np.isfinite(e[:, 2]).any():  # a user's metric_fn gives no loss
-                        values[prefix + "val_loss"] = e[:, 2]
-                    sink.points(e[:, 0].astype(int), values)
-                bar.update(keep)
-                if bad is not None:
-                    reason = rule.reason
-                    break
+            while curve.next_step < len(lrs) and curve.stop_reason is None:
+                i = curve.next_step
+                for group, ratio in zip(optimizer.param_groups, ratios):
+                    group["lr"] = float(lrs[i]) * ratio
+                loss, terms, was_skipped = stepper.step([next(stream) for _ in range(accumulate)])
+                if was_skipped:  # a GradScaler step: the weights did not move, so neither does the sweep
+                    skipped += 1
+                    if skipped > len(lrs):
+                        raise RuntimeError(f"GradScaler skipped {skipped} steps of {len(lrs)}: gradients are "
+                                           "not finite at any scale")
+                    continue
+                curve.add(loss, terms)
+                if val_loader is not None and eval_every and (i + 1) % eval_every == 0:
+                    curve.add_eval(i, evaluate(evaluator, model, val_loader))
+                if curve.n == sync_every or curve.next_step == len(lrs):
+                    bar.update(curve.flush())
+    except BaseException:
+        if curve.n:  # an error or Ctrl-C mid-chunk: what the device holds is reported first
+            curve.flush()
+        raise
     finally:
         snapshot.restore()
-    losses = np.concatenate(kept["loss"]) if kept["loss"] else np.empty(0)
-    e = np.array(evals).reshape(-1, 3)
-    return RangeTestResult(
-        lrs=np.asarray(lrs[: len(losses)], dtype=np.float64), losses=losses,
-        smoothed=np.concatenate(kept["smoothed"]) if kept["smoothed"] else np.empty(0),
-        eval_steps=e[:, 0].astype(int), accuracies=e[:, 1], val_losses=e[:, 2],
-        planned_iters=len(lrs), stop_reason=reason,
-        terms={k: np.concatenate(v) for k, v in kept_terms.items()}, skipped_steps=skipped, sweep=sweep,
-    )
+    return curve.result(skipped_steps=skipped, sweep=sweep)

@@ -2,6 +2,7 @@
 evaluation after every pass over the loader."""
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -68,44 +69,51 @@ def train(stepper: Stepper, scheduler, loader: Iterable, total_iters: int, *, va
         losses[done:t], smoothed_all[done:t] = raw, smoothed
         steps = np.arange(done, t)
         sink.series(steps, {"train/lr": lrs[done:t], "train/loss": raw, "train/smoothed_loss": smoothed})
+        first, done = done, t
         bad = np.flatnonzero(~np.isfinite(raw))
         if len(bad):
-            raise TrainingDiverged(f"training loss is not finite ({raw[bad[0]]}) at iteration {done + bad[0]}: "
+            raise TrainingDiverged(f"training loss is not finite ({raw[bad[0]]}) at iteration {first + bad[0]}: "
                                    "lower max_lr")
-        done = t
 
     model.train()
     if take_accuracy:
         take_accuracy()  # forget what the range test counted
-    with tqdm(total=total_iters, desc="train", unit="it", leave=False, disable=not progress) as bar:
-        epoch = 0
-        while t < total_iters:
-            loss_sum = torch.zeros((), device=stepper.device)
-            epoch_start = t
-            for batch in loader:
-                lrs[t] = optimizer.param_groups[0]["lr"]
-                loss, _, _ = stepper.step([batch])
-                buf[t - done] = loss
-                loss_sum += loss
-                scheduler.step()
-                t += 1
-                if t - done == sync_every:
-                    drain()
-                    bar.update(sync_every)
-                if t == total_iters:
-                    break
-            if t == epoch_start:
-                raise ValueError("Expected the training loader to yield batches, but it yielded none")
-            bar.update(t - done)
-            drain()
-            held_out = evaluate(evaluator, model, val_loader)
-            row = {"epoch": epoch, "step": t - 1, "train_loss": loss_sum.item() / (t - epoch_start),
-                   "train_accuracy": take_accuracy() if take_accuracy else None,
-                   "val_loss": held_out.get("val_loss"), "val_accuracy": held_out["accuracy"]}
-            rows.append(row)
-            values = {"val/loss": row["val_loss"], "val/accuracy": row["val_accuracy"],
-                      "train/epoch_loss": row["train_loss"], "train/epoch_accuracy": row["train_accuracy"]}
-            sink.points([t - 1], {k: [v] for k, v in values.items() if v is not None})
-            bar.set_postfix(epoch=epoch, val_acc=f"{row['val_accuracy']:.3f}")
-            epoch += 1
+    try:
+        with tqdm(total=total_iters, desc="train", unit="it", leave=False, disable=not progress) as bar:
+            epoch = 0
+            while t < total_iters:
+                loss_sum = torch.zeros((), device=stepper.device)
+                epoch_start = t
+                for batch in loader:
+                    lrs[t] = optimizer.param_groups[0]["lr"]
+                    loss, _, _ = stepper.step([batch])
+                    buf[t - done] = loss
+                    loss_sum += loss
+                    scheduler.step()
+                    t += 1
+                    if t - done == sync_every:
+                        drain()
+                        bar.update(sync_every)
+                    if t == total_iters:
+                        break
+                if t == epoch_start:
+                    raise ValueError("Expected the training loader to yield batches, but it yielded none")
+                bar.update(t - done)
+                drain()
+                held_out = evaluate(evaluator, model, val_loader)
+                row = {"epoch": epoch, "step": t - 1, "train_loss": loss_sum.item() / (t - epoch_start),
+                       "train_accuracy": take_accuracy() if take_accuracy else None,
+                       "val_loss": held_out.get("val_loss"), "val_accuracy": held_out["accuracy"]}
+                rows.append(row)
+                values = {"val/loss": row["val_loss"], "val/accuracy": row["val_accuracy"],
+                          "train/epoch_loss": row["train_loss"], "train/epoch_accuracy": row["train_accuracy"]}
+                sink.points([t - 1], {k: [v] for k, v in values.items() if v is not None})
+                bar.set_postfix(epoch=epoch, val_acc=f"{row['val_accuracy']:.3f}")
+                epoch += 1
+    except BaseException:
+        # An error or Ctrl-C mid-chunk: the losses still on the device reach the sink first.
+        if t > done:
+            with contextlib.suppress(TrainingDiverged):
+                drain()
+        raise
     return TrainResult(pd.DataFrame(rows), lrs, losses, smoothed_all, time.perf_counter() - start_time)
