@@ -47,7 +47,32 @@ def _execute(command: str, kwargs: dict) -> None:
 
         with pd.option_context("display.width", 200, "display.max_colwidth", 70, "display.float_format", "{:.4g}".format):
             click.echo(outcome.bounds_table.to_string(index=False))
-    click.echo(outcome.summary())
+    _echo_where(outcome.run_id)
+    click.echo(outcome.summary())  # last line: "run <id> | ..."
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def where_lines(run_id: str) -> list[str]:
+    """Where to look at `run_id`: its experiment, and the `mlflow ui` command for the store
+    in use with the run's page (or the run's page on a tracking server)."""
+    from .history import location
+
+    loc = location(run_id)
+    lines = [f"experiment {loc.experiment!r} (id {loc.experiment_id}), store {loc.tracking_uri}"]
+    if loc.ui_command:
+        lines.append(f"view: {loc.ui_command}  then open http://127.0.0.1:5000/{loc.ui_path}")
+    else:
+        lines.append(f"view: {loc.ui_path}")
+    return lines
+
+
+def _echo_where(run_id: str | None) -> None:
+    if run_id:
+        for line in where_lines(run_id):
+            click.echo(line)
 
 
 @click.group()
@@ -81,7 +106,7 @@ def run_cmd(**kwargs) -> None:
 @main.command("compare")
 @click.option("--experiment", default="clr_mlflow", show_default=True, help="MLflow experiment whose runs to compare")
 @click.option("--target-accuracy", type=click.FloatRange(0, 1), default=0.0, show_default=True,
-              help="accuracy for the iterations-to-target column (0 = the fixed run's final accuracy)")
+              help="validation accuracy for the iterations-to-target column (0 = the fixed run's final one)")
 @click.option("--log-run", type=click.BOOL, default=True, show_default=True,
               help="log the leaderboard and plots into a comparison run of the experiment")
 def compare_cmd(experiment: str, target_accuracy: float, log_run: bool) -> None:
@@ -96,17 +121,23 @@ def compare_cmd(experiment: str, target_accuracy: float, log_run: bool) -> None:
     except NoRuns as e:
         click.echo(f"Error: {e}", err=True)
         sys.exit(1)
-    with pd.option_context("display.width", 200, "display.max_columns", 20, "display.float_format", "{:.4g}".format):
-        click.echo(result.board.assign(run_id=result.board["run_id"].str[:8]).to_string(index=False))
+    from .compare import display_board
+
+    with pd.option_context("display.width", 250, "display.max_columns", 20):
+        click.echo(display_board(result.board, result.target).to_string(index=False))
     click.echo(result.verdict)
-    click.echo(f"read {len(result.board)} runs in {result.read_seconds:.2f}s"
+    if result.note:
+        click.echo(f"note: {result.note}")
+    click.echo(f"read {plural(len(result.board), 'run')} in {result.read_seconds:.2f}s"
                + (f"; logged as run {result.run_id}" if result.run_id else ""))
+    _echo_where(result.run_id)
 
 
 @main.command("reproduce")
 @click.argument("run_id")
 def reproduce_cmd(run_id: str) -> None:
-    """Run RUN_ID again with exactly its params; compare key metrics and the range-test curve."""
+    """Run RUN_ID again with exactly its params; compare key metrics and the full range-test
+    and training curves."""
     import pandas as pd
 
     from .data import DataError
@@ -121,7 +152,11 @@ def reproduce_cmd(run_id: str) -> None:
         click.echo(f"warning: {w}", err=True)
     with pd.option_context("display.width", 200, "display.float_format", "{:.6g}".format):
         click.echo(rep.metrics.to_string(index=False))
-    click.echo(rep.curve_note)
+    for identical, note in rep.curves.values():
+        click.echo(note)
+    if not rep.curves:
+        click.echo(rep.curve_note)
+    _echo_where(rep.outcome.run_id)
     click.echo(f"reproduction: run {rep.outcome.run_id} (tag clr_mlflow.reproduces={run_id})")
 
 

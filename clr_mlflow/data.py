@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: 16-bit greyscale scaled to 8 bits (1 clipped it)
 
 
 class DataError(ValueError):
@@ -134,12 +134,31 @@ def _scan(split_dir: Path) -> tuple[list[str], list[tuple[str, int, int, int]]]:
     return classes, files
 
 
+def _to_rgb(im):
+    """An opened image as 8-bit RGB. PIL's convert("RGB") clips wider modes instead of
+    scaling them, so a 16-bit greyscale PNG (mode I;16, values up to 65535) would come out
+    nearly all white: 16-bit and 32-bit integer greyscale (I;16*, I) is scaled from the
+    16-bit range, v / 257 rounded (0 -> 0, 65535 -> 255), and float greyscale (F) is
+    rounded and clipped to 0-255. Everything else goes through convert("RGB") as in
+    torchvision's loader: L is repeated into three channels, P takes its palette colours,
+    RGBA/LA drop alpha (the stored colours are kept, not blended with a background)."""
+    from PIL import Image
+
+    if im.mode == "I" or im.mode.startswith("I;16"):
+        grey = np.clip(np.rint(np.asarray(im, dtype=np.float64) / 257.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    if im.mode == "F":
+        grey = np.clip(np.rint(np.nan_to_num(np.asarray(im, dtype=np.float64))), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    return im.convert("RGB")
+
+
 def _decode_one(path: str, image_size: int) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB")
+            im = _to_rgb(im)
             if im.size != (image_size, image_size):
                 im = im.resize((image_size, image_size), Image.BILINEAR)
             return np.asarray(im, dtype=np.uint8)

@@ -92,3 +92,51 @@ def test_torchvision_cifar10_path_reads_the_official_format(tmp_path, cifar, dat
     assert ds.source == "torchvision:CIFAR10" and ds.classes == src.classes
     assert len(ds.train) == 50 and len(ds.test) == 20
     np.testing.assert_array_equal(ds.test.x, src.test.x)
+
+
+def test_every_image_mode_decodes_to_its_8_bit_rgb_values(tmp_path):
+    """Issue 13: a 16-bit greyscale PNG decoded nearly all white (convert("RGB") clips)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    alpha = rng.integers(0, 256, (8, 8), dtype=np.uint8)
+    grey = rng.integers(0, 256, (8, 8), dtype=np.uint8)
+    wide = rng.integers(0, 65536, (8, 8), dtype=np.uint16)
+    wide[0, :4] = [0, 257, 65535, 128]  # exact steps and a value that rounds down to 0
+    palette = np.array([[255, 0, 0], [0, 128, 255], [17, 34, 51], [250, 250, 250]], dtype=np.uint8)
+    index = rng.integers(0, 4, (8, 8), dtype=np.uint8)
+    p_image = Image.fromarray(index, "P")
+    p_image.putpalette(palette.ravel().tolist())
+    images = {
+        "0_rgba.png": (Image.fromarray(np.dstack([rgb, alpha]), "RGBA"), rgb),  # alpha dropped, colours kept
+        "1_l.png": (Image.fromarray(grey, "L"), np.repeat(grey[..., None], 3, axis=2)),
+        "2_i16.png": (Image.fromarray(wide), np.repeat(np.rint(wide / 257).astype(np.uint8)[..., None], 3, axis=2)),
+        "3_p.png": (p_image, palette[index]),
+    }
+    for split in ("train", "test"):
+        (tmp_path / "imgs" / split / "x").mkdir(parents=True)
+        for name, (im, _) in images.items():
+            im.save(tmp_path / "imgs" / split / "x" / name)
+    assert Image.open(tmp_path / "imgs" / "train" / "x" / "2_i16.png").mode == "I;16"
+    assert Image.open(tmp_path / "imgs" / "train" / "x" / "3_p.png").mode == "P"
+    ds = data.load(str(tmp_path / "imgs"), tmp_path / "cache", image_size=8)
+    assert ds.train.x.dtype == np.uint8 and ds.train.x.shape == (4, 8, 8, 3)
+    for i, (name, (_, expected)) in enumerate(images.items()):
+        np.testing.assert_array_equal(ds.train.x[i], expected, err_msg=name)
+        np.testing.assert_array_equal(ds.test.x[i], expected, err_msg=name)
+    assert ds.train.x[2, 0, :4, 0].tolist() == [0, 1, 255, 0]
+    assert ds.train.x[2].mean() < 200  # not the near-white of clipping
+
+
+def test_wide_greyscale_modes_scale_from_16_bits():
+    from PIL import Image
+
+    from clr_mlflow.data import _to_rgb
+
+    big_endian = Image.frombytes("I;16B", (3, 1), np.array([0, 32896, 65535], dtype=">u2").tobytes())
+    assert _to_rgb(big_endian).getpixel((1, 0)) == (128, 128, 128)
+    as_int = Image.fromarray(np.array([[0, 514, 70000]], dtype=np.int32), "I")
+    assert [_to_rgb(as_int).getpixel((x, 0)) for x in range(3)] == [(0, 0, 0), (2, 2, 2), (255, 255, 255)]
+    as_float = Image.fromarray(np.array([[-3.0, 99.6, 300.0]], dtype=np.float32), "F")
+    assert [_to_rgb(as_float).getpixel((x, 0))[0] for x in range(3)] == [0, 100, 255]

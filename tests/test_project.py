@@ -25,7 +25,7 @@ def test_every_declared_parameter_reaches_the_command_and_matches_the_cli(entry,
     ep = mlproject()["entry_points"][entry]
     names = Config.names(COMMANDS[command])
     assert list(ep["parameters"]) == names
-    assert ep["command"].startswith(f"clr-mlflow {command} ")
+    assert ep["command"].startswith(f"python -m clr_mlflow {command} ")
     for name in names:
         assert f"{option_name(name)} {{{name}}}" in ep["command"], name
     hints = typing.get_type_hints(Config)

@@ -1,0 +1,8 @@
+"""`python -m clr_mlflow ...`: the `clr-mlflow` command, run from whichever clr_mlflow is
+first on sys.path. The MLproject commands use it: `mlflow run` starts them in the project
+folder, which `python -m` puts first on sys.path, so a run uses the code it checked out,
+not an installed copy."""
+from .cli import main
+
+if __name__ == "__main__":
+    main(prog_name="clr-mlflow")
