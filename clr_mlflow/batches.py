@@ -74,6 +74,10 @@ class Batches:
             idx = order[i * self.batch_size:(i + 1) * self.batch_size]
             yield self._prepare(self.x[idx]), self.y[idx]
 
+    def sample(self, n: int) -> torch.Tensor:
+        """The first `n` items as the model sees them (normalised, not augmented)."""
+        return self._normalise(self.x[:n])
+
     def ordered(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Every item once, in order, no augmentation, last batch partial: for evaluation."""
         for i in range(0, len(self.y), self.batch_size):

@@ -28,6 +28,7 @@ class Loaders:
     test: Iterable        # every test item once, in order (evaluated once, after training)
     num_classes: int
     params: dict          # data.* params of the run
+    example: torch.Tensor  # two inputs as the model sees them: the logged model's input example
 
 
 def split_validation(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -69,7 +70,7 @@ def load_loaders(cfg: Config, device: torch.device) -> Loaders:
     loader = Batches(train, cfg.batch_size, device, mean, std, cfg.augment, cfg.seed, channels_last=True)
     test = ordered(ds.test)
     return Loaders(loader, test if cfg.val_fraction == 0 else ordered(val), test, len(ds.classes),
-                   _params(ds.describe(), len(train), len(val), cfg.val_fraction))
+                   _params(ds.describe(), len(train), len(val), cfg.val_fraction), test.sample(2))
 
 
 def _plugin_loaders(cfg: Config, device: torch.device) -> Loaders:
@@ -92,4 +93,5 @@ def _plugin_loaders(cfg: Config, device: torch.device) -> Loaders:
                         generator=torch.Generator().manual_seed(cfg.seed), collate_fn=plugins.collate, pin_memory=pin)
     test = ordered(ds.test)
     return Loaders(loader, test if cfg.val_fraction == 0 else ordered(val), test, len(ds.classes),
-                   _params(ds.describe(), len(train), len(val), cfg.val_fraction))
+                   _params(ds.describe(), len(train), len(val), cfg.val_fraction),
+                   plugins.collate([ds.test[i] for i in range(min(2, len(ds.test)))])[0])

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 
-from . import history, plots, plugins, tracking
+from . import assets, history, plots, plugins, tracking
 from .config import COMMANDS, RANGE, TRAIN, Config, ConfigError, validate
 from .engine import make_optimizer, pick_device, seed_everything, use_fast_kernels
 from .finder import MIN_STEPS, lr_find
@@ -53,6 +53,24 @@ class Outcome:
                          f"{self.test_accuracy:.4f}, {t.seconds + self.range_test_seconds:.1f}s")
         return " | ".join(parts)
 
+    def description(self) -> list[str]:
+        """A few lines for the run's description in the MLflow UI."""
+        cfg, lines = self.config, []
+        if self.range_test is not None:
+            r = self.range_test
+            lines.append(f"Range test: {len(r.lrs)} iterations, lr {r.lrs[0]:.3g} to {r.lrs[-1]:.3g} "
+                         f"({r.stop_reason}); plot range_test/curve.png, table range_test/bounds.json.")
+        if self.bounds:
+            lines.append(f"Bounds: base_lr {self.bounds[0]:.4g}, max_lr {self.bounds[1]:.4g} ({self.bounds[2]}).")
+        elif self.range_test is not None:
+            lines.append(f"Bounds: rule {cfg.bounds_rule} found none on this curve (see the table's notes).")
+        if self.training is not None:
+            t = self.training
+            lines.append(f"Training: {cfg.policy}, {len(t.lrs)} iterations in {t.seconds:.0f} s; validation accuracy "
+                         f"{t.final_accuracy:.4f} (best {t.best_accuracy:.4f}), test accuracy "
+                         f"{self.test_accuracy:.4f}; plots train/curves.png and train/schedule.png.")
+        return lines
+
 
 def execute(cfg: Config, command: str, tags: dict | None = None) -> Outcome:
     """Run a command's phases (range test, training, or both chained) into one MLflow run.
@@ -93,12 +111,17 @@ def execute(cfg: Config, command: str, tags: dict | None = None) -> Outcome:
 
     tags = tracking.provenance_tags(str(device)) | {"clr_mlflow.kind": "+".join(phases),
                                                     "clr_mlflow.command": command} | (tags or {})
-    with tracking.active_run(cfg.experiment, cfg.run_name, tags) as run:
+    with tracking.active_run(cfg.experiment, cfg.run_name, tags,
+                             system_metrics=TRAIN in phases and cfg.system_metrics) as run:
         out = Outcome(run.info.run_id, cfg, loaders=loaders)
         # Params keep the values as given (base_lr=0 means "from the range test"), so a run can
         # be repeated from its params; what training actually used is logged as effective.*.
         tracking.log_params(given_cfg.params(requested) | loaders.params
                             | {f"effective.{k}": v for k, v in from_preset.items()})
+        p = loaders.params
+        assets.log_datasets(p["data.source"], p["data.digest"], {
+            "training": p["data.train_size"], "validation": p["data.val_size"], "test": p["data.test_size"]},
+            loaders.num_classes)
         if RANGE in phases:
             t0 = time.perf_counter()
             out.range_test = lr_find(
@@ -122,6 +145,7 @@ def execute(cfg: Config, command: str, tags: dict | None = None) -> Outcome:
                 raise NoBounds(f"bounds_rule {cfg.bounds_rule} found no bounds on this curve (see range_test/bounds.json"
                                " and curve.png): pass base_lr and max_lr, or choose another bounds_rule")
             out.training = _train_phase(cfg, stepper, model, loaders, out)
+        assets.describe_run(out.description())
     return out
 
 
@@ -157,12 +181,13 @@ def _train_phase(cfg: Config, stepper: Stepper, model, loaders: Loaders, out: Ou
     test = evaluate(evaluator, stepper.model, loaders.test)
     out.test_accuracy = test["accuracy"]
     cycle_len = 2 * step_size if isinstance(schedule, CyclicLR) else None
-    tracking.log_figure(plots.schedule_figure(result.lrs, cycle_len), "train/schedule.png")
-    tracking.log_figure(plots.training_figure(result.epochs, result.lrs), "train/curves.png")
+    titles = dict(policy=cfg.policy, bounds=(base_lr, max_lr))
+    tracking.log_figure(plots.schedule_figure(result.lrs, cycle_len, **titles), "train/schedule.png")
+    tracking.log_figure(plots.training_figure(result.epochs, result.lrs, **titles), "train/curves.png")
     tracking.log_frame_csv(result.epochs, "train/epochs.csv")
     tracking.log_frame_csv(result.to_frame(), "train/curve.csv")
     tracking.log_metrics({"test/accuracy": test["accuracy"], "test/loss": test["val_loss"],
                           "val/best_accuracy": result.best_accuracy, "time/train_seconds": result.seconds})
     if cfg.save_model:
-        tracking.log_state_dict(model.state_dict(), "train/model.pt")
+        assets.log_model(model, loaders.example)
     return result

@@ -155,14 +155,24 @@ def fresh_run_name() -> str:
 
 
 @contextlib.contextmanager
-def active_run(experiment: str, run_name: str = "", tags: dict | None = None):
+def active_run(experiment: str, run_name: str = "", tags: dict | None = None, system_metrics: bool = False):
     """The run to log into: the one `mlflow run` made (MLFLOW_RUN_ID), else a new one in
-    `experiment`. MLflow marks it FAILED if the body raises."""
+    `experiment`. It ends KILLED when a KeyboardInterrupt (Ctrl-C, or SIGTERM turned into
+    one) leaves the body, FAILED on any other error. `system_metrics`: MLflow samples CPU,
+    memory, disk, network (and GPU) use into `system/*` while the run is open."""
     if not os.environ.get("MLFLOW_RUN_ID"):
         mlflow.set_experiment(experiment)
         run_name = run_name or fresh_run_name()
-    with mlflow.start_run(run_name=run_name or None, tags=tags) as run:
+    run = mlflow.start_run(run_name=run_name or None, tags=tags, log_system_metrics=system_metrics)
+    try:
         yield run
+    except KeyboardInterrupt:
+        mlflow.end_run("KILLED")
+        raise
+    except BaseException:
+        mlflow.end_run("FAILED")
+        raise
+    mlflow.end_run("FINISHED")
 
 
 @contextlib.contextmanager
@@ -235,15 +245,3 @@ def log_frame_csv(df: pd.DataFrame, path: str) -> None:
 
 def log_table(table: pd.DataFrame, path: str) -> None:
     mlflow.log_table(table, artifact_file=path)
-
-
-def log_state_dict(state_dict: dict, path: str) -> None:
-    """Save a plain state_dict with torch.save and log it at `path` (a folder/file.pt)."""
-    import tempfile
-
-    import torch
-
-    folder, name = path.rsplit("/", 1)
-    with tempfile.TemporaryDirectory() as tmp:
-        torch.save({k: v.cpu() for k, v in state_dict.items()}, Path(tmp) / name)
-        mlflow.log_artifact(str(Path(tmp) / name), artifact_path=folder)

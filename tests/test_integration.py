@@ -123,12 +123,26 @@ def test_training_history_equals_the_schedule_and_epoch_metrics_line_up(store, b
     assert p["bounds_source"] == "given" and p["effective.step_size"] == "3" and p["total_iters"] == "12"
     assert t["policy"] == "triangular2" and t["bounds_rule"] == "given"
     arts = {a.path for a in MlflowClient().list_artifacts(out.run_id, "train")}
-    assert {"train/schedule.png", "train/curves.png", "train/model.pt", "train/epochs.csv"} <= arts
+    assert {"train/schedule.png", "train/curves.png", "train/epochs.csv"} <= arts
     assert_png(artifact_bytes(out.run_id, "train/schedule.png"))
+    # the Logged Model loads and predicts what the trained network predicts
+    import mlflow.pytorch
     import torch
 
-    state = torch.load(mlflow.artifacts.download_artifacts(run_id=out.run_id, artifact_path="train/model.pt"))
-    assert "0.0.weight" in state
+    logged = mlflow.pytorch.load_model(f"runs:/{out.run_id}/model").eval()
+    x = out.loaders.example
+    with torch.no_grad():
+        scores = logged(x).numpy()
+    assert scores.shape == (2, 10) and np.isfinite(scores).all() and "0.0.weight" in logged.state_dict()
+    served = mlflow.pyfunc.load_model(f"runs:/{out.run_id}/model").predict(x.numpy())
+    np.testing.assert_allclose(served, scores, rtol=1e-5, atol=1e-6)
+    # the datasets it saw, with the digest reproduce compares
+    inputs = {i.tags[0].value if i.tags else "": i.dataset for i in run.inputs.dataset_inputs}
+    assert set(inputs) == {"training", "validation", "test"}
+    assert {d.digest for d in inputs.values()} == {p["data.digest"]}
+    # a description a person can read
+    note = t["mlflow.note.content"]
+    assert "Training: triangular2, 12 iterations" in note and "Bounds: base_lr 0.01, max_lr 0.1 (given)" in note
 
 
 def test_bounds_from_an_earlier_range_test(range_run, base):
@@ -140,7 +154,7 @@ def test_bounds_from_an_earlier_range_test(range_run, base):
     run = MlflowClient().get_run(out.run_id)
     assert run.data.params["bounds_source"] == f"run:{earlier.run_id}"
     assert run.data.metrics["bounds/max_lr"] == pytest.approx(earlier.bounds[1])
-    assert not [a for a in MlflowClient().list_artifacts(out.run_id, "train") if a.path.endswith("model.pt")]
+    assert not MlflowClient().get_run(out.run_id).outputs or not MlflowClient().get_run(out.run_id).outputs.model_outputs
 
 
 @pytest.mark.parametrize("change,message", [
