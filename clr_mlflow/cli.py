@@ -1,6 +1,9 @@
 """`clr-mlflow`: thin commands over runner.execute, options generated from config.Config."""
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import sys
 import typing
 from dataclasses import fields
@@ -29,19 +32,49 @@ def _with_config_options(phases: tuple[str, ...]):
     return decorate
 
 
+@contextlib.contextmanager
+def stop_on_signals():
+    """SIGTERM is handled like Ctrl-C: a KeyboardInterrupt, so buffers flush and the run
+    ends KILLED. A second signal exits at once. Yields the signals received."""
+    received: list[int] = []
+
+    def handler(signum, frame):
+        if received:
+            os._exit(128 + signum)
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
 def _execute(command: str, kwargs: dict) -> None:
+    from . import tracking
     from .data import DataError
     from .runner import NoBounds, execute
     from .training import TrainingDiverged
 
-    try:
-        outcome = execute(Config(**kwargs), command)
-    except (ConfigError, DataError) as e:
-        click.echo(f"Error: {e}", err=True)
-        sys.exit(2)
-    except (NoBounds, TrainingDiverged) as e:
-        click.echo(f"Error: {e}", err=True)
-        sys.exit(1)
+    with stop_on_signals() as received:
+        try:
+            outcome = execute(Config(**kwargs), command)
+        except (ConfigError, DataError) as e:
+            if os.environ.get("MLFLOW_RUN_ID"):  # `mlflow run` made a run: a rejected input is no result
+                tracking.delete_run(os.environ["MLFLOW_RUN_ID"])
+            click.echo(f"Error: {e}", err=True)
+            sys.exit(2)
+        except (NoBounds, TrainingDiverged) as e:
+            click.echo(f"Error: {e}", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            signum = received[0] if received else signal.SIGINT
+            run = tracking.last_run_id()
+            click.echo(f"Interrupted by {signal.Signals(signum).name}: run {run or '-'} is marked KILLED; every "
+                       "value measured until now is in MLflow", err=True)
+            sys.exit(128 + signum)
     if outcome.bounds_table is not None:
         import pandas as pd
 

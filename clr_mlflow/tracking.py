@@ -245,3 +245,13 @@ def log_frame_csv(df: pd.DataFrame, path: str) -> None:
 
 def log_table(table: pd.DataFrame, path: str) -> None:
     mlflow.log_table(table, artifact_file=path)
+
+
+def delete_run(run_id: str) -> None:
+    MlflowClient().delete_run(run_id)
+
+
+def last_run_id() -> str | None:
+    """The run this process made last (also after it ended)."""
+    run = mlflow.last_active_run()
+    return run.info.run_id if run else None

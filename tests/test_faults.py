@@ -1,0 +1,92 @@
+"""Faults as they happen to a user's process: real signals to a real `clr-mlflow` subprocess,
+a rejected input inside `mlflow run`, runs started together; read back from a real store."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+
+REPO = Path(__file__).resolve().parents[1]
+CLR_MLFLOW = str(Path(sys.executable).parent / "clr-mlflow")
+
+
+@pytest.fixture
+def store_env(tracking):
+    MlflowClient().search_experiments()  # the schema exists before any child opens the file
+    env = dict(os.environ, MLFLOW_TRACKING_URI=tracking)
+    env.pop("MLFLOW_RUN_ID", None)
+    return env
+
+
+def steps_of(run_id, key):
+    return sorted(m.step for m in MlflowClient().get_metric_history(run_id, key))
+
+
+def wait_for_training(proc, experiment, timeout=300):
+    """The run id once its first train/lr values are in the store."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        exp = mlflow.get_experiment_by_name(experiment)
+        if exp is not None:
+            runs = mlflow.search_runs([exp.experiment_id])
+            if len(runs) and steps_of(runs["run_id"][0], "train/lr"):
+                return runs["run_id"][0]
+        time.sleep(0.5)
+    raise AssertionError("training never started")
+
+
+@pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_mid_training_ends_the_run_killed_with_every_iteration_kept(store_env, cifar, data_dir, signum,
+                                                                            code):
+    args = ["run", "--data", str(cifar), "--data-dir", str(data_dir), "--limit-train", "400", "--limit-test", "64",
+            "--batch-size", "32", "--num-iters", "60", "--lr-start", "1e-4", "--bounds-rule", "loss_edge",
+            "--policy", "triangular", "--step-size", "500",
+            "--cycles", "5", "--device", "cpu", "--experiment", f"sig{signum}", "--system-metrics", "false"]
+    proc = subprocess.Popen([CLR_MLFLOW, *args], env=store_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    run_id = wait_for_training(proc, f"sig{signum}")
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err[-2000:]
+    assert f"Interrupted by {signal.Signals(signum).name}: run {run_id} is marked KILLED" in err
+    run = MlflowClient().get_run(run_id)
+    assert run.info.status == "KILLED"
+    n = run.data.metrics["range_test/iterations"]
+    assert steps_of(run_id, "range_test/lr") == list(range(int(n)))  # the finished range test, whole
+    trained = steps_of(run_id, "train/lr")
+    assert len(trained) > 0 and trained == list(range(len(trained)))  # every iteration done, no gap
+    assert steps_of(run_id, "train/loss") == trained
+
+
+def test_a_rejected_input_inside_mlflow_run_leaves_no_run_that_looks_like_a_result(store_env, tmp_path):
+    cmd = ["mlflow", "run", str(REPO), "-e", "range_test", "--env-manager", "local", "--experiment-name", "bad",
+           "-P", f"data_dir={tmp_path}", "-P", "lr_start=-1"]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=store_env, timeout=600)
+    assert res.returncode != 0 and "Error: Expected positive lr_start" in res.stderr
+    exp = mlflow.get_experiment_by_name("bad")
+    assert mlflow.search_runs([exp.experiment_id]).empty  # the run MLflow made is deleted
+    deleted = mlflow.search_runs([exp.experiment_id], run_view_type=mlflow.entities.ViewType.DELETED_ONLY)
+    assert len(deleted) == 1
+
+
+def test_unnamed_runs_with_the_same_seed_get_different_names_and_training_records_system_metrics(
+        store_env, cifar, data_dir):
+    env = dict(store_env, MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="1")
+    args = ["train", "--data", str(cifar), "--data-dir", str(data_dir), "--limit-train", "400", "--limit-test", "64",
+            "--batch-size", "32", "--base-lr", "0.01", "--max-lr", "0.1", "--iterations", "60", "--step-size", "10",
+            "--device", "cpu", "--experiment", "names", "--save-model", "false"]
+    for _ in range(2):
+        res = subprocess.run([CLR_MLFLOW, *args], capture_output=True, text=True, env=env, timeout=600)
+        assert res.returncode == 0, res.stderr[-2000:]
+    runs = mlflow.search_runs(experiment_names=["names"])
+    assert len(runs) == 2 and runs["tags.mlflow.runName"].nunique() == 2
+    system = [k for k in MlflowClient().get_run(runs["run_id"][0]).data.metrics if k.startswith("system/")]
+    assert any("cpu" in k for k in system) and any("memory" in k for k in system)
+    assert np.all(runs["status"] == "FINISHED")
