@@ -30,7 +30,8 @@ class Batches:
     full batches (`shuffle=True`, for training) or every item once in order (for evaluation)."""
 
     def __init__(self, split: Split, batch_size: int, device: torch.device, mean: torch.Tensor, std: torch.Tensor,
-                 augment: bool, seed: int, channels_last: bool = False, shuffle: bool = True):
+                 augment: bool, seed: int, channels_last: bool = False, shuffle: bool = True,
+                 shard: tuple[int, int] = (0, 1)):
         self.x = torch.from_numpy(split.x).permute(0, 3, 1, 2).contiguous().to(device)
         self.y = torch.from_numpy(split.y).to(device)
         self.batch_size = batch_size
@@ -39,6 +40,9 @@ class Batches:
         self.std = std.to(device).view(1, -1, 1, 1)
         self.augment = augment
         self.shuffle = shuffle
+        # (rank, world): under torchrun every rank draws the same order (same seed) and keeps
+        # every world-th item of each global batch of world x batch_size.
+        self.rank, self.world = shard
         self.passes = 0  # times iterated: how often a split was looked at (the test split: once)
         self.channels_last = channels_last
         self.generator = torch.Generator(device=device).manual_seed(seed)
@@ -47,7 +51,7 @@ class Batches:
         """Batches per pass: full batches when shuffled (the last partial batch is dropped,
         as BatchNorm prefers), every item when ordered."""
         if self.shuffle:
-            return len(self.y) // self.batch_size
+            return len(self.y) // (self.batch_size * self.world)
         return -(-len(self.y) // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -70,8 +74,9 @@ class Batches:
     def epoch(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """One shuffled pass of full batches."""
         order = torch.randperm(len(self.y), device=self.device, generator=self.generator)
-        for i in range(len(self.y) // self.batch_size):
-            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+        step = self.batch_size * self.world
+        for i in range(len(self.y) // step):
+            idx = order[i * step:(i + 1) * step][self.rank::self.world]
             yield self._prepare(self.x[idx]), self.y[idx]
 
     def sample(self, n: int) -> torch.Tensor:

@@ -53,12 +53,13 @@ def stop_on_signals():
 
 
 def _execute(command: str, kwargs: dict) -> None:
-    from . import tracking
+    from . import distributed, tracking
     from .data import DataError
     from .runner import NoBounds, execute
     from .training import TrainingDiverged
 
-    with stop_on_signals() as received:
+    with stop_on_signals() as received, contextlib.ExitStack() as stack:
+        stack.callback(distributed.finish)  # torchrun: leave the process group (no-op otherwise)
         try:
             outcome = execute(Config(**kwargs), command)
         except (ConfigError, DataError) as e:
@@ -75,6 +76,8 @@ def _execute(command: str, kwargs: dict) -> None:
             click.echo(f"Interrupted by {signal.Signals(signum).name}: run {run or '-'} is marked KILLED; every "
                        "value measured until now is in MLflow", err=True)
             sys.exit(128 + signum)
+    if outcome.run_id is None:
+        return  # a torchrun rank other than 0: rank 0 reports
     if outcome.bounds_table is not None:
         import pandas as pd
 

@@ -51,8 +51,12 @@ def _need_batches(train_size: int, batch_size: int) -> None:
         raise ConfigError(f"Expected batch_size <= the {train_size} training images, but got {batch_size}")
 
 
-def load_loaders(cfg: Config, device: torch.device) -> Loaders:
+def load_loaders(cfg: Config, device: torch.device, shard: tuple[int, int] = (0, 1)) -> Loaders:
+    """`shard`: (rank, world) under torchrun; each rank trains on its part of every batch."""
     if plugins.is_plugin(cfg.data):
+        if shard[1] > 1:
+            raise ConfigError(f"Expected an image folder or cifar10 as data under torchrun, but got the plug-in "
+                              f"{cfg.data} (plug-in data runs in one process)")
         return _plugin_loaders(cfg, device)
     ds = data_mod.load(cfg.data, cfg.data_dir, cfg.limit_train, cfg.limit_test, cfg.image_size, cfg.seed)
     train, val = ds.train, ds.test
@@ -60,14 +64,15 @@ def load_loaders(cfg: Config, device: torch.device) -> Loaders:
         keep, held = split_validation(ds.train.y, cfg.val_fraction, cfg.seed)
         train, val = data_mod.Split(ds.train.x[keep], ds.train.y[keep]), data_mod.Split(ds.train.x[held],
                                                                                         ds.train.y[held])
-    _need_batches(len(train), cfg.batch_size)
+    _need_batches(len(train), cfg.batch_size * shard[1])
     mean, std = channel_stats(train)
     eval_batch = max(cfg.batch_size, 512)
 
     def ordered(split):
         return Batches(split, eval_batch, device, mean, std, False, cfg.seed, channels_last=True, shuffle=False)
 
-    loader = Batches(train, cfg.batch_size, device, mean, std, cfg.augment, cfg.seed, channels_last=True)
+    loader = Batches(train, cfg.batch_size, device, mean, std, cfg.augment, cfg.seed, channels_last=True,
+                     shard=shard)
     test = ordered(ds.test)
     return Loaders(loader, test if cfg.val_fraction == 0 else ordered(val), test, len(ds.classes),
                    _params(ds.describe(), len(train), len(val), cfg.val_fraction), test.sample(2))

@@ -3,15 +3,16 @@ logged into one MLflow run. Everything that can be wrong with the input is found
 the run is created."""
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 
 import pandas as pd
 import torch
 
-from . import assets, history, plots, plugins, tracking
+from . import assets, distributed, history, plots, plugins, tracking
 from .config import COMMANDS, RANGE, TRAIN, Config, ConfigError, validate
-from .engine import make_optimizer, pick_device, seed_everything, use_fast_kernels
+from .engine import NullSink, make_optimizer, pick_device, seed_everything, use_fast_kernels
 from .finder import MIN_STEPS, lr_find
 from .loaders import Loaders, load_loaders
 from .models import build_model
@@ -28,13 +29,14 @@ class NoBounds(RuntimeError):
 
 @dataclass
 class Outcome:
-    run_id: str
+    run_id: str | None  # None on torchrun ranks other than 0, which log nothing
     config: Config  # with the preset applied
     range_test: RangeTestResult | None = None
     bounds_table: pd.DataFrame | None = None
     bounds: tuple[float, float, str] | None = None  # base_lr, max_lr, rule
     training: TrainResult | None = None
     test_accuracy: float | None = None  # the test split, evaluated once after training
+    ranks_agree: bool | None = None     # under torchrun: every rank ended with the same weights
     loaders: Loaders | None = None
     range_test_seconds: float = 0.0
 
@@ -87,9 +89,9 @@ def execute(cfg: Config, command: str, tags: dict | None = None) -> Outcome:
             raise ConfigError(str(e)) from None
     if given and RANGE in phases and TRAIN in phases:
         phases = (TRAIN,)  # bounds known: no range test needed (a range-test command always tests)
-    device = pick_device(cfg.device)
+    ranks, device = distributed.init(pick_device(cfg.device))
     use_fast_kernels(device)
-    loaders = load_loaders(cfg, device)
+    loaders = load_loaders(cfg, device, (ranks.rank, ranks.world))
     seed_everything(cfg.seed)
     try:
         model = build_model(cfg.model, loaders.num_classes, cfg.image_size).to(device)
@@ -99,6 +101,8 @@ def execute(cfg: Config, command: str, tags: dict | None = None) -> Outcome:
     # faster on NHWC (measured on the CPU: a range test 1.3x faster, docs/BENCHMARKS.md).
     model = model.to(memory_format=torch.channels_last)
     net = torch.compile(model) if cfg.compile else model  # same weights; `model` saves clean keys
+    if ranks.world > 1:  # gradients averaged over the ranks; the module keeps `model`'s weights
+        net = torch.nn.parallel.DistributedDataParallel(net)
     num_iters = cfg.num_iters or len(loaders.train)
     if RANGE in phases and len(loaders.train) < MIN_STEPS:
         raise ConfigError(f"Expected at least {MIN_STEPS} batches per epoch for the range test, but the training "
@@ -111,17 +115,22 @@ def execute(cfg: Config, command: str, tags: dict | None = None) -> Outcome:
 
     tags = tracking.provenance_tags(str(device)) | {"clr_mlflow.kind": "+".join(phases),
                                                     "clr_mlflow.command": command} | (tags or {})
-    with tracking.active_run(cfg.experiment, cfg.run_name, tags,
-                             system_metrics=TRAIN in phases and cfg.system_metrics) as run:
-        out = Outcome(run.info.run_id, cfg, loaders=loaders)
-        # Params keep the values as given (base_lr=0 means "from the range test"), so a run can
-        # be repeated from its params; what training actually used is logged as effective.*.
-        tracking.log_params(given_cfg.params(requested) | loaders.params
-                            | {f"effective.{k}": v for k, v in from_preset.items()})
-        p = loaders.params
-        assets.log_datasets(p["data.source"], p["data.digest"], {
-            "training": p["data.train_size"], "validation": p["data.val_size"], "test": p["data.test_size"]},
-            loaders.num_classes)
+    # Under torchrun only rank 0 makes the run and logs; the others compute alongside.
+    run_scope = tracking.active_run(cfg.experiment, cfg.run_name, tags,
+                                    system_metrics=TRAIN in phases and cfg.system_metrics) \
+        if ranks.leader else contextlib.nullcontext()
+    with run_scope as run:
+        out = Outcome(run.info.run_id if run else None, cfg, loaders=loaders)
+        if run:
+            # Params keep the values as given (base_lr=0 means "from the range test"), so a run
+            # can be repeated from its params; what training actually used is effective.*.
+            tracking.log_params(given_cfg.params(requested) | loaders.params
+                                | {f"effective.{k}": v for k, v in from_preset.items()}
+                                | {"world_size": ranks.world, "global_batch_size": cfg.batch_size * ranks.world})
+            p = loaders.params
+            assets.log_datasets(p["data.source"], p["data.digest"], {
+                "training": p["data.train_size"], "validation": p["data.val_size"], "test": p["data.test_size"]},
+                loaders.num_classes)
         if RANGE in phases:
             t0 = time.perf_counter()
             out.range_test = lr_find(
@@ -129,10 +138,10 @@ def execute(cfg: Config, command: str, tags: dict | None = None) -> Outcome:
                 end_lr=cfg.lr_end, sweep=cfg.sweep, beta=cfg.beta, diverge=cfg.diverge,
                 val_loader=loaders.val if cfg.eval_every else None, eval_every=cfg.eval_every,
                 bounds_rule=cfg.bounds_rule, bounds_divisor=cfg.bounds_divisor, seeds=cfg.seeds, device=device,
-                amp=stepper.amp,
-                log_every=cfg.log_every)
+                amp=stepper.amp, log_every=cfg.log_every, track=ranks.leader, progress=ranks.leader)
             out.range_test_seconds = time.perf_counter() - t0
-            tracking.log_metrics({"time/range_test_seconds": out.range_test_seconds})
+            if run:
+                tracking.log_metrics({"time/range_test_seconds": out.range_test_seconds})
             out.bounds_table = out.range_test.bounds
             try:
                 out.bounds = (*out.range_test.suggest(), cfg.bounds_rule)
@@ -145,7 +154,12 @@ def execute(cfg: Config, command: str, tags: dict | None = None) -> Outcome:
                 raise NoBounds(f"bounds_rule {cfg.bounds_rule} found no bounds on this curve (see range_test/bounds.json"
                                " and curve.png): pass base_lr and max_lr, or choose another bounds_rule")
             out.training = _train_phase(cfg, stepper, model, loaders, out)
-        assets.describe_run(out.description())
+        if ranks.world > 1:
+            out.ranks_agree = distributed.same_weights_everywhere(model)
+            if run:
+                tracking.set_tags({"ddp.weights_identical": str(out.ranks_agree).lower()})
+        if run:
+            assets.describe_run(out.description())
     return out
 
 
@@ -165,21 +179,26 @@ def _train_phase(cfg: Config, stepper: Stepper, model, loaders: Loaders, out: Ou
         source = f"run:{cfg.bounds_from}"
     else:
         source = f"preset:{cfg.preset}" if rule == "preset" else "given"
-    tracking.log_params({
-        "bounds_source": source, "effective.base_lr": base_lr, "effective.max_lr": max_lr,
-        "effective.step_size": step_size, "total_iters": total, "iters_per_epoch": ipe})
-    tracking.set_tags({"policy": cfg.policy, "bounds_rule": rule})
-    if out.range_test is None:
-        tracking.log_metrics({"bounds/base_lr": base_lr, "bounds/max_lr": max_lr})
+    if out.run_id:
+        tracking.log_params({
+            "bounds_source": source, "effective.base_lr": base_lr, "effective.max_lr": max_lr,
+            "effective.step_size": step_size, "total_iters": total, "iters_per_epoch": ipe})
+        tracking.set_tags({"policy": cfg.policy, "bounds_rule": rule})
+        if out.range_test is None:
+            tracking.log_metrics({"bounds/base_lr": base_lr, "bounds/max_lr": max_lr})
     momentum = (cfg.base_momentum, cfg.max_momentum) if cfg.cycle_momentum else None
     scheduler = ScheduleLR(stepper.optimizer, schedule, momentum)
     evaluator = classification_eval(stepper.device, stepper.amp)
-    with tracking.IterationLogger(out.run_id, log_every=cfg.log_every) as sink:
+    logger = tracking.IterationLogger(out.run_id, log_every=cfg.log_every) if out.run_id \
+        else contextlib.nullcontext(NullSink())
+    with logger as sink:
         result = train(stepper, scheduler, loaders.train, total, val_loader=loaders.val, evaluator=evaluator,
-                       beta=cfg.beta, sink=sink)
+                       beta=cfg.beta, sink=sink, progress=out.run_id is not None)
     # The test split, once, after training: nothing (bounds, epochs) was chosen on it.
     test = evaluate(evaluator, stepper.model, loaders.test)
     out.test_accuracy = test["accuracy"]
+    if not out.run_id:
+        return result
     cycle_len = 2 * step_size if isinstance(schedule, CyclicLR) else None
     titles = dict(policy=cfg.policy, bounds=(base_lr, max_lr))
     tracking.log_figure(plots.schedule_figure(result.lrs, cycle_len, **titles), "train/schedule.png")

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import distributed
+
 LossFn = Callable[[nn.Module, Any], "torch.Tensor | Mapping[str, torch.Tensor]"]
 
 
@@ -137,6 +139,9 @@ class Stepper:
         n = len(micro_batches)
         if n > 1:
             loss_sum, term_sums = loss_sum / n, {k: v / n for k, v in term_sums.items()}
+        if distributed.active():  # every rank sees the mean loss, so all take the same decisions
+            loss_sum, *terms = distributed.mean_over_ranks([loss_sum, *term_sums.values()])
+            term_sums = dict(zip(term_sums, terms))
         return loss_sum, term_sums, skipped
 
 
