@@ -196,5 +196,23 @@ def reproduce_cmd(run_id: str) -> None:
     click.echo(f"reproduction: run {rep.outcome.run_id} (tag clr_mlflow.reproduces={run_id})")
 
 
+def run_cli(prog_name: str = "clr-mlflow") -> None:
+    """The console script: `main`, with a usage error (a bad option value, an unknown option)
+    also deleting the run `mlflow run` made for it: a rejected input is not a result."""
+    try:
+        code = main.main(prog_name=prog_name, standalone_mode=False)
+    except click.ClickException as e:
+        if os.environ.get("MLFLOW_RUN_ID"):
+            from . import tracking
+
+            tracking.delete_run(os.environ["MLFLOW_RUN_ID"])
+        e.show()
+        sys.exit(e.exit_code)
+    except click.Abort:
+        click.echo("Aborted!", err=True)
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
 if __name__ == "__main__":
-    main()
+    run_cli()

@@ -4,6 +4,7 @@ and `validate` checks values before anything touches a model or the tracking sto
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 
 from . import plugins
@@ -108,8 +109,30 @@ def _plugin(name: str, spec: str) -> None:
         raise ConfigError(str(e)) from None
 
 
+# Beyond these a value is a typo, not a request (a 1e12-iteration range test would allocate
+# its lr array first and fail minutes later).
+LIMITS = {"num_iters": 10**7, "iterations": 10**9, "step_size": 10**9, "step_epochs": 10**6, "epochs": 10**6,
+          "cycles": 10**6, "eval_every": 10**9, "lr_start": 1e6, "lr_end": 1e6, "base_lr": 1e6, "max_lr": 1e6,
+          "bounds_divisor": 1e6, "diverge": 1e12, "anneal_div": 1e12, "batch_size": 10**7, "limit_train": 10**9,
+          "limit_test": 10**9, "image_size": 4096, "log_every": 10**9, "weight_decay": 1e3, "seed": 2**32 - 1}
+
+
+def _numbers(cfg: Config) -> None:
+    """Every number finite and within LIMITS (NaN and inf slip through comparisons)."""
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        _need(math.isfinite(value), f.name, "finite", value)
+        limit = LIMITS.get(f.name)
+        if limit is not None and value > limit:
+            raise ConfigError(f"Expected {f.name} <= {limit:,.0f}, but got {value!r}")
+
+
 def validate(cfg: Config, phases: tuple[str, ...], require_bounds: bool = False) -> None:
     """Raise ConfigError naming the first bad parameter of a command running `phases`."""
+    _numbers(cfg)
+    _need(cfg.experiment.strip() != "", "experiment", "a non-empty name for", cfg.experiment)
     if plugins.is_plugin(cfg.model):
         _plugin("model", cfg.model)
     else:

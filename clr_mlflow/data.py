@@ -104,7 +104,11 @@ def _load_torchvision_cifar10(data_dir, limit_train, limit_test, image_size, see
 
     splits = []
     for train in (True, False):
-        ds = CIFAR10(root=str(data_dir), train=train, download=True)
+        try:
+            ds = CIFAR10(root=str(data_dir), train=train, download=True)
+        except (OSError, RuntimeError) as e:  # offline: URLError is an OSError
+            raise DataError(f"Expected data=cifar10 to download into {data_dir}, but it failed ({type(e).__name__}: "
+                            f"{str(e)[:120]}): work online, or pass data=FOLDER with train/ and test/") from None
         classes = tuple(ds.classes)
         split = _take(Split(ds.data, np.asarray(ds.targets, dtype=np.int64)), limit_train if train else limit_test, seed)
         if image_size != split.x.shape[1]:

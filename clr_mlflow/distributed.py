@@ -40,6 +40,11 @@ def init(device: torch.device) -> tuple[Ranks, torch.device]:
     return Ranks(dist.get_rank(), dist.get_world_size()), device
 
 
+def rank_from_env() -> int:
+    """This process's rank as torchrun sets it (0 without torchrun), before init()."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def active() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 

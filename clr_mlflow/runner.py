@@ -89,6 +89,11 @@ def execute(cfg: Config, command: str, tags: dict | None = None) -> Outcome:
             raise ConfigError(str(e)) from None
     if given and RANGE in phases and TRAIN in phases:
         phases = (TRAIN,)  # bounds known: no range test needed (a range-test command always tests)
+    if distributed.rank_from_env() == 0:  # only rank 0 uses the store
+        try:
+            tracking.check_store(cfg.experiment)
+        except tracking.StoreError as e:
+            raise ConfigError(str(e)) from None
     ranks, device = distributed.init(pick_device(cfg.device))
     use_fast_kernels(device)
     loaders = load_loaders(cfg, device, (ranks.rank, ranks.world))

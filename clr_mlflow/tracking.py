@@ -255,3 +255,36 @@ def last_run_id() -> str | None:
     """The run this process made last (also after it ended)."""
     run = mlflow.last_active_run()
     return run.info.run_id if run else None
+
+
+class StoreError(ValueError):
+    """The tracking store cannot be used: one line saying why."""
+
+
+def check_store(experiment: str | None, timeout: float = 10.0) -> None:
+    """Before any data is loaded: a tracking server must answer within `timeout` seconds; a
+    new SQLite file gets its schema under a file lock, so processes starting together on a
+    fresh file do not each try to create it (MLflow's migrations break the file then); the
+    experiment must not be a deleted one."""
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        import requests
+
+        try:
+            requests.get(uri.rstrip("/") + "/health", timeout=timeout).raise_for_status()
+        except requests.RequestException as e:
+            raise StoreError(f"Expected a tracking server at {uri}, but it did not answer within {timeout:g} s "
+                             f"({type(e).__name__})") from None
+    elif uri.startswith("sqlite:///"):
+        import fcntl
+
+        path = Path(uri.removeprefix("sqlite:///"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(f"{path}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            MlflowClient().search_experiments(max_results=1)  # creates and migrates the schema once
+    if experiment and not os.environ.get("MLFLOW_RUN_ID"):
+        found = MlflowClient().get_experiment_by_name(experiment)
+        if found is not None and found.lifecycle_stage == "deleted":
+            raise StoreError(f"Expected experiment to name an active experiment, but {experiment!r} is deleted "
+                             "(restore it with `mlflow experiments restore`, or choose another name)")

@@ -40,7 +40,8 @@ def render() -> str:
         out += [f"  {entry}:", "    parameters:"]
         for f in fields(Config):
             if f.name in names:
-                kind = "float" if hints[f.name] in (int, float) else "string"
+                # MLflow does not check types (it passes "1e3" on for an int): the CLI does.
+                kind = {int: "int", float: "float"}.get(hints[f.name], "string")
                 d = f.default
                 d = '""' if d == "" else (str(d).lower() if isinstance(d, bool) else d)
                 out.append(f"      {f.name}: {{type: {kind}, default: {d}}}")

@@ -90,3 +90,58 @@ def test_unnamed_runs_with_the_same_seed_get_different_names_and_training_record
     system = [k for k in MlflowClient().get_run(runs["run_id"][0]).data.metrics if k.startswith("system/")]
     assert any("cpu" in k for k in system) and any("memory" in k for k in system)
     assert np.all(runs["status"] == "FINISHED")
+
+
+def test_six_processes_on_a_fresh_sqlite_file_all_finish(tmp_path, cifar, data_dir):
+    uri = f"sqlite:///{tmp_path / 'fresh.db'}"  # no schema yet: every process finds it missing
+    env = dict(os.environ, MLFLOW_TRACKING_URI=uri, OMP_NUM_THREADS="1")
+    env.pop("MLFLOW_RUN_ID", None)
+    args = ["train", "--data", str(cifar), "--data-dir", str(data_dir), "--limit-train", "400", "--limit-test", "64",
+            "--batch-size", "32", "--base-lr", "0.01", "--max-lr", "0.1", "--iterations", "4", "--step-size", "2",
+            "--device", "cpu", "--experiment", "together", "--save-model", "false", "--system-metrics", "false"]
+    procs = [subprocess.Popen([CLR_MLFLOW, *args, "--seed", str(k)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for k in range(6)]
+    results = [(p.wait(timeout=600), p.stderr.read()) for p in procs]
+    assert [code for code, _ in results] == [0] * 6, [err[-1500:] for code, err in results if code]
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(experiment_names=["together"])
+    assert len(runs) == 6 and set(runs["status"]) == {"FINISHED"}
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--num-iters", "1000000000000"], "Expected num_iters <= 10,000,000"),
+    (["--lr-end", "inf"], "Expected finite lr_end"),
+    (["--lr-end", "1e300"], "Expected lr_end <= 1,000,000"),
+    (["--bounds-divisor", "inf"], "Expected finite bounds_divisor"),
+    (["--diverge", "nan"], "Expected finite diverge"),
+    (["--experiment", ""], "non-empty name for experiment"),
+])
+def test_absurd_numbers_and_names_are_one_line_before_any_run(store_env, tmp_path, args, needle):
+    res = subprocess.run([CLR_MLFLOW, "range-test", "--data-dir", str(tmp_path), *args], capture_output=True,
+                         text=True, env=store_env, timeout=300)
+    last = res.stderr.strip().splitlines()[-1]
+    assert res.returncode == 2 and last.startswith("Error: Expected") and needle in last
+    assert mlflow.search_runs(search_all_experiments=True).empty
+
+
+def test_a_deleted_experiment_or_a_silent_server_is_one_line_within_seconds(store_env, tmp_path):
+    exp = mlflow.create_experiment("gone")
+    mlflow.delete_experiment(exp)
+    res = subprocess.run([CLR_MLFLOW, "range-test", "--data-dir", str(tmp_path), "--experiment", "gone"],
+                         capture_output=True, text=True, env=store_env, timeout=300)
+    assert res.returncode == 2 and "'gone' is deleted" in res.stderr.strip().splitlines()[-1]
+    started = time.time()
+    silent = dict(store_env, MLFLOW_TRACKING_URI="http://127.0.0.1:9")  # nothing listens on the discard port
+    res = subprocess.run([CLR_MLFLOW, "range-test", "--data-dir", str(tmp_path)], capture_output=True, text=True,
+                         env=silent, timeout=300)
+    assert res.returncode == 2 and "did not answer within 10 s" in res.stderr.strip().splitlines()[-1]
+    assert time.time() - started < 60
+
+
+def test_mlflow_run_with_a_float_for_an_int_deletes_its_run(store_env, tmp_path):
+    cmd = ["mlflow", "run", str(REPO), "-e", "range_test", "--env-manager", "local", "--experiment-name", "ints",
+           "-P", f"data_dir={tmp_path}", "-P", "limit_train=1e3"]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=store_env, timeout=600)
+    assert res.returncode != 0 and "'1e3' is not a valid integer" in res.stderr
+    exp = mlflow.get_experiment_by_name("ints")
+    assert mlflow.search_runs([exp.experiment_id]).empty
