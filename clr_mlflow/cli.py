@@ -11,6 +11,7 @@ from dataclasses import fields
 import click
 
 from .config import COMMANDS, Config, ConfigError
+from .schedules import POLICIES
 
 CLICK_TYPES = {int: click.INT, float: click.FLOAT, bool: click.BOOL, str: click.STRING}
 
@@ -194,6 +195,54 @@ def reproduce_cmd(run_id: str) -> None:
         click.echo(rep.curve_note)
     _echo_where(rep.outcome.run_id)
     click.echo(f"reproduction: run {rep.outcome.run_id} (tag clr_mlflow.reproduces={run_id})")
+
+
+@main.command("sweep")
+@click.option("--policies", default=",".join(POLICIES), show_default=True,
+              help="policies to train, comma-separated")
+@click.option("--bounds-rules", default="min_div10", show_default=True, help="bounds rules to train with, "
+              "comma-separated: the range test chooses the first, the others come from its bounds table")
+@click.option("--seeds", "seed_list", default="0", show_default=True,
+              help="seeds, comma-separated (a multi-seed range test: --grid seeds=K)")
+@click.option("--grid", multiple=True, metavar="KEY=V1,V2",
+              help="values of any other parameter, repeatable (or joined by ';'): every combination runs")
+@click.option("--ray-address", default="", help="Ray cluster to run on (default: a local Ray started here)")
+@click.option("--cpus-per-trial", type=click.FloatRange(0, min_open=True), default=1.0, show_default=True)
+@click.option("--gpus-per-trial", type=click.FloatRange(0), default=0.0, show_default=True)
+@click.option("--max-concurrent", type=click.IntRange(0), default=0, show_default=True,
+              help="trials at once (0: as many as the resources allow)")
+@click.option("--early-stop/--no-early-stop", default=False, show_default=True,
+              help="stop trainings that trail at an epoch (Tune's ASHA on val/accuracy)")
+@_with_config_options(COMMANDS["run"])
+def sweep_cmd(policies, bounds_rules, seed_list, grid, ray_address, cpus_per_trial, gpus_per_trial, max_concurrent,
+              early_stop, **kwargs) -> None:
+    """Range tests and trainings over policies x bounds rules x seeds x --grid values, as Ray
+    Tune trials, each an MLflow run under one parent run that gets the leaderboard."""
+    import pandas as pd
+
+    from .compare import display_board
+    from .sweep import SweepError, _csv, _ray, parse_grid, sweep
+
+    try:
+        _ray()
+        result = sweep(Config(**kwargs), parse_grid(grid), _csv(policies), _csv(bounds_rules),
+                       _csv(seed_list, int, "--seeds"), ray_address=ray_address or None,
+                       cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial,
+                       max_concurrent=max_concurrent or None, early_stop=early_stop)
+    except (ConfigError, SweepError) as e:
+        click.echo(f"Error: {e}", err=True)
+        sys.exit(2 if isinstance(e, ConfigError) else 1)
+    with pd.option_context("display.width", 250, "display.max_columns", 20):
+        click.echo(display_board(result.board, result.target).to_string(index=False))
+    for t in result.trials[result.trials["outcome"] == "failed"].itertuples():
+        click.echo(f"failed: {' '.join(filter(None, (t.setting, t.rule, t.policy)))} (run {t.run_id}): {t.error}")
+    click.echo(result.verdict)
+    for line in where_lines(result.run_id):
+        click.echo(line)
+    click.echo(result.summary())
+
+# The sweep's lists replace these single-value options (a multi-seed range test: --grid seeds=K).
+sweep_cmd.params = [p for p in sweep_cmd.params if p.name not in ("policy", "bounds_rule", "seed", "seeds")]
 
 
 def run_cli(prog_name: str = "clr-mlflow") -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pandas as pd
@@ -74,9 +75,11 @@ class Outcome:
         return lines
 
 
-def execute(cfg: Config, command: str, tags: dict | None = None) -> Outcome:
+def execute(cfg: Config, command: str, tags: dict | None = None,
+            on_epoch: Callable[[dict], None] | None = None) -> Outcome:
     """Run a command's phases (range test, training, or both chained) into one MLflow run.
-    `cfg` is the config as the user gave it; a preset is applied here."""
+    `cfg` is the config as the user gave it; a preset is applied here. `on_epoch(row)` is
+    called after every training epoch with its row (epoch, step, val_accuracy, ...)."""
     requested = phases = COMMANDS[command]
     given_cfg = cfg
     cfg, from_preset = apply_preset(cfg)
@@ -158,7 +161,7 @@ def execute(cfg: Config, command: str, tags: dict | None = None) -> Outcome:
             if out.bounds is None:
                 raise NoBounds(f"bounds_rule {cfg.bounds_rule} found no bounds on this curve (see range_test/bounds.json"
                                " and curve.png): pass base_lr and max_lr, or choose another bounds_rule")
-            out.training = _train_phase(cfg, stepper, model, loaders, out)
+            out.training = _train_phase(cfg, stepper, model, loaders, out, on_epoch)
         if ranks.world > 1:
             out.ranks_agree = distributed.same_weights_everywhere(model)
             if run:
@@ -168,7 +171,7 @@ def execute(cfg: Config, command: str, tags: dict | None = None) -> Outcome:
     return out
 
 
-def _train_phase(cfg: Config, stepper: Stepper, model, loaders: Loaders, out: Outcome) -> TrainResult:
+def _train_phase(cfg: Config, stepper: Stepper, model, loaders: Loaders, out: Outcome, on_epoch) -> TrainResult:
     base_lr, max_lr, rule = out.bounds
     ipe = len(loaders.train)
     step_size = cfg.step_size or max(1, round(cfg.step_epochs * ipe))
@@ -198,7 +201,7 @@ def _train_phase(cfg: Config, stepper: Stepper, model, loaders: Loaders, out: Ou
         else contextlib.nullcontext(NullSink())
     with logger as sink:
         result = train(stepper, scheduler, loaders.train, total, val_loader=loaders.val, evaluator=evaluator,
-                       beta=cfg.beta, sink=sink, progress=out.run_id is not None)
+                       beta=cfg.beta, sink=sink, progress=out.run_id is not None, on_epoch=on_epoch)
     # The test split, once, after training: nothing (bounds, epochs) was chosen on it.
     test = evaluate(evaluator, stepper.model, loaders.test)
     out.test_accuracy = test["accuracy"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,7 +49,7 @@ class TrainResult:
 
 def train(stepper: Stepper, scheduler, loader: Iterable, total_iters: int, *, val_loader: Iterable,
           evaluator: Evaluator, beta: float = 0.98, sink: Sink = NullSink(), sync_every: int = SYNC_EVERY,
-          progress: bool = True) -> TrainResult:
+          progress: bool = True, on_epoch: Callable[[dict], None] | None = None) -> TrainResult:
     """Train for `total_iters` optimizer steps, one scheduler step each, evaluating after
     every pass over `loader`. Epoch metrics are logged at the step of the epoch's last
     iteration, so they line up with the per-iteration series."""
@@ -108,6 +108,8 @@ def train(stepper: Stepper, scheduler, loader: Iterable, total_iters: int, *, va
                 values = {"val/loss": row["val_loss"], "val/accuracy": row["val_accuracy"],
                           "train/epoch_loss": row["train_loss"], "train/epoch_accuracy": row["train_accuracy"]}
                 sink.points([t - 1], {k: [v] for k, v in values.items() if v is not None})
+                if on_epoch is not None:  # e.g. a sweep reporting to Ray Tune's scheduler
+                    on_epoch(row)
                 bar.set_postfix(epoch=epoch, val_acc=f"{row['val_accuracy']:.3f}")
                 epoch += 1
     except BaseException:

@@ -12,6 +12,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from clr_mlflow.config import COMMANDS, ENTRY_POINTS, Config
+from clr_mlflow.schedules import POLICIES
 
 # `python -m clr_mlflow`, not the `clr-mlflow` console script: `mlflow run` starts the command
 # in the project folder (a checkout of -v COMMIT for a git URI), which `python -m` puts first
@@ -38,16 +39,36 @@ def render() -> str:
     for entry, command in ENTRY_POINTS.items():
         names = Config.names(COMMANDS[command])
         out += [f"  {entry}:", "    parameters:"]
-        for f in fields(Config):
-            if f.name in names:
-                # MLflow does not check types (it passes "1e3" on for an int): the CLI does.
-                kind = {int: "int", float: "float"}.get(hints[f.name], "string")
-                d = f.default
-                d = '""' if d == "" else (str(d).lower() if isinstance(d, bool) else d)
-                out.append(f"      {f.name}: {{type: {kind}, default: {d}}}")
+        out += [_parameter(f, hints) for f in fields(Config) if f.name in names]
         args = " ".join(f"--{n.replace('_', '-')} {{{n}}}" for n in names)
         out.append(f'    command: "{PROGRAM} {command} {args}"')
-    return "\n".join(out) + "\n" + EXTRA
+    return "\n".join(out + sweep_entry(hints)) + "\n" + EXTRA
+
+
+def _parameter(f, hints) -> str:
+    # MLflow does not check types (it passes "1e3" on for an int): the CLI does.
+    kind = {int: "int", float: "float"}.get(hints[f.name], "string")
+    d = '""' if f.default == "" else (str(f.default).lower() if isinstance(f.default, bool) else f.default)
+    return f"      {f.name}: {{type: {kind}, default: {d}}}"
+
+
+# `sweep`: the parameters of `main` but those its lists replace, and its own (type, default).
+# The policies default stays quoted: a comma inside a YAML {...} would end the value.
+SWEEP = {"policies": ("string", f'"{",".join(POLICIES)}"'), "bounds_rules": ("string", "min_div10"),
+         "seeds": ("string", '"0"'), "grid": ("string", '""'), "ray_address": ("string", '""'),
+         "cpus_per_trial": ("float", 1), "gpus_per_trial": ("float", 0), "max_concurrent": ("int", 0),
+         "early_stop": ("string", "false")}
+SWEEP_REPLACES = ("policy", "bounds_rule", "seed", "seeds")
+
+
+def sweep_entry(hints) -> list[str]:
+    """--early-stop is a flag: given when early_stop=true (MLflow runs commands with bash -c)."""
+    names = [n for n in Config.names(COMMANDS["run"]) if n not in SWEEP_REPLACES]
+    out = ["  sweep:", "    parameters:"] + [f"      {k}: {{type: {t}, default: {d}}}" for k, (t, d) in SWEEP.items()]
+    out += [_parameter(f, hints) for f in fields(Config) if f.name in names]
+    args = " ".join(f"--{n.replace('_', '-')} {{{n}}}" for n in [*SWEEP][:-1] + names)
+    out.append(f'    command: "{PROGRAM} sweep {args} $([ {{early_stop}} = true ] && echo --early-stop)"')
+    return out
 
 
 def readme_table() -> str:

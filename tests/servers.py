@@ -69,7 +69,35 @@ def _tail(path: Path, n: int = 3000) -> str:
         return "(no log)"
 
 
-class PostgresServer:
+class _TempService:
+    """A server living in a temporary folder (`root`): `stop()` halts it, then removes the
+    folder; a context manager that stops it also when starting fails half way."""
+
+    root: Path | None = None
+
+    def _halt(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        try:
+            self._halt()
+        finally:
+            if self.root is not None:
+                shutil.rmtree(self.root, ignore_errors=True)
+                self.root = None
+
+    def __enter__(self):
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class PostgresServer(_TempService):
     """A throwaway PostgreSQL cluster: `with PostgresServer() as pg: pg.uri`.
 
     durable=False (the tests' default) turns off fsync and synchronous commit: the data
@@ -143,28 +171,13 @@ class PostgresServer:
         self._run("createdb", "-h", LOOPBACK, "-p", self.port, "-U", PG_USER, self.database, timeout=60)
         return self
 
-    def stop(self) -> None:
-        try:
-            if self.started:
-                self._run("pg_ctl", "-D", self.data, "stop", "-m", "fast", "-w", "-t", 60, check=False, timeout=90)
-                self.started = False
-        finally:
-            if self.root is not None:
-                shutil.rmtree(self.root, ignore_errors=True)
-                self.root = None
-
-    def __enter__(self) -> "PostgresServer":
-        try:
-            return self.start()
-        except BaseException:
-            self.stop()
-            raise
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
+    def _halt(self) -> None:
+        if self.started:
+            self._run("pg_ctl", "-D", self.data, "stop", "-m", "fast", "-w", "-t", 60, check=False, timeout=90)
+            self.started = False
 
 
-class MlflowServer:
+class MlflowServer(_TempService):
     """`mlflow server` on a backend store URI, proxying artifacts into a temporary folder:
     `with MlflowServer(pg.uri) as server: server.uri` (http://127.0.0.1:PORT)."""
 
@@ -233,23 +246,8 @@ class MlflowServer:
             os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc = None
 
-    def stop(self) -> None:
-        try:
-            self._kill()
-        finally:
-            if self.root is not None:
-                shutil.rmtree(self.root, ignore_errors=True)
-                self.root = None
-
-    def __enter__(self) -> "MlflowServer":
-        try:
-            return self.start()
-        except BaseException:
-            self.stop()
-            raise
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
+    def _halt(self) -> None:
+        self._kill()
 
 
 @pytest.fixture(scope="session")

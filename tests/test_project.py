@@ -128,7 +128,7 @@ def test_sweep_script_trains_every_policy_and_compares(store_env, cifar, data_di
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     runs = mlflow.search_runs(experiment_names=["sweep2"])
     kinds = runs["tags.clr_mlflow.kind"].value_counts().to_dict()
-    assert kinds == {"range_test": 1, "train": 5, "compare": 1}
+    assert kinds == {"sweep": 1, "range_test": 1, "train": 5}
     trained = runs[runs["tags.clr_mlflow.kind"] == "train"]
     assert sorted(trained["params.policy"]) == sorted(["fixed", "triangular", "triangular2", "exp_range", "one_cycle"])
     range_id = runs.loc[runs["tags.clr_mlflow.kind"] == "range_test", "run_id"].iloc[0]
