@@ -200,7 +200,7 @@ def reproduce_cmd(run_id: str) -> None:
 @main.command("sweep")
 @click.option("--policies", default=",".join(POLICIES), show_default=True,
               help="policies to train, comma-separated")
-@click.option("--bounds-rules", default="min_div10", show_default=True, help="bounds rules to train with, "
+@click.option("--bounds-rules", default="loss_edge", show_default=True, help="bounds rules to train with, "
               "comma-separated: the range test chooses the first, the others come from its bounds table")
 @click.option("--seeds", "seed_list", default="0", show_default=True,
               help="seeds, comma-separated (a multi-seed range test: --grid seeds=K)")

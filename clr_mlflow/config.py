@@ -61,7 +61,7 @@ class Config:
     beta: float = _p(0.98, "EMA factor of the smoothed loss")
     diverge: float = _p(4.0, "stop the range test when smoothed loss > diverge x best smoothed loss", (RANGE,))
     eval_every: int = _p(0, "held-out accuracy and loss every this many range-test iterations (0 = off)", (RANGE,))
-    bounds_rule: str = _p("min_div10", f"rule whose bounds are chosen: {', '.join(RULES)}", (RANGE,))
+    bounds_rule: str = _p("loss_edge", f"rule whose bounds are chosen: {', '.join(RULES)}", (RANGE,))
     bounds_divisor: float = _p(4.0, "base_lr = max_lr / bounds_divisor for the loss rules", (RANGE,))
     seeds: int = _p(1, "range tests from this many initialisations and data orders; the bounds table gives each rule's median bounds and their spread", (RANGE,))
     # training

@@ -57,7 +57,7 @@ def lr_find(
     val_loader: Iterable | None = None,
     eval_every: int = 0,
     metric_fn: Callable[[nn.Module, Iterable], float] | None = None,
-    bounds_rule: str = "min_div10",
+    bounds_rule: str = "loss_edge",
     bounds_divisor: float = 4.0,
     seeds: int = 1,
     device: str | torch.device | None = None,

@@ -417,7 +417,7 @@ def bench_compare_read(store):
              "logged", f"read {result.read_seconds:.2f} s, total {total:.2f} s", "", "quick", None)]
 
 
-ROW_ORDER = ("1a", "1b", "1c", "2", "2b", "3", "3b", "3c", "4", "4g", "5a", "5b", "5c", "5d", "c")
+ROW_ORDER = ("1a", "1b", "1c", "2", "2b", "3", "3b", "3c", "6", "6b", "7a", "7b", "4", "4g", "5a", "5b", "5c", "5d", "c")
 GPU_ROWS = {  # shown until a CUDA machine measures them
     "4g": ("4g. Data pipeline on CUDA vs the PIL loader per core", ">= 50x per core"),
     "5a": ("5a. Range test on CUDA: ResNet-18, one epoch, batch 512", "<= 5 s"),
@@ -427,6 +427,20 @@ GPU_ROWS = {  # shown until a CUDA machine measures them
 }
 COLUMNS = ("benchmark", "A vs B", "result", "target", "met", "machine", "command")
 HEADER = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+
+
+def bench_store_rows(repeats):
+    sys.path.insert(0, str(REPO / "scripts"))
+    from bench_store import bench_rows
+
+    return bench_rows(max(2, repeats // 2))
+
+
+def bench_seeds_rows(repeats):
+    sys.path.insert(0, str(REPO / "scripts"))
+    from bench_seeds import bench_seeds
+
+    return bench_seeds(repeats)
 
 
 def machine() -> str:
@@ -477,11 +491,13 @@ def main():
                         help="row 5d: change a clr-mlflow parameter of the fast run (repeatable)")
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "cifar10"))
     parser.add_argument("--out", default=str(REPO / "docs" / "BENCHMARKS.md"))
-    parser.add_argument("--only", default="", help="comma-separated groups: 1, 2, 3, 4, c (CPU); 4g, 5 (CUDA)")
+    parser.add_argument("--only", default="", help="comma-separated groups: 1, 2, 3, 4, c, 6 (HTTP store), "
+                        "7 (batched seeds) (CPU); 4g, 5 (CUDA)")
     args = parser.parse_args()
     data_path = args.data if args.data == "cifar10" else str(Path(args.data).resolve())
     cuda = torch.cuda.is_available()
-    only = set(args.only.split(",")) if args.only else {"1", "2", "3", "4", "c"} | ({"4g", "5"} if cuda else set())
+    cpu_rows = {"1", "2", "3", "4", "c", "6", "7"}
+    only = set(args.only.split(",")) if args.only else cpu_rows | ({"4g", "5"} if cuda else set())
     if only & {"4g", "5"} and not cuda:
         sys.exit("rows 4g and 5 need a CUDA GPU (scripts/gpu_bench.sh runs them on one)")
     if cuda:
@@ -497,7 +513,9 @@ def main():
                     ("4g", lambda: bench_gpu_pipeline(full, args.repeats)),
                     ("5", lambda: bench_gpu_resnet18(full, store, args.repeats)
                      + bench_gpu_fast(data_path, REPO / "data", args.seeds, config_overrides(args.fast))),
-                    ("c", lambda: bench_compare_read(store))):
+                    ("c", lambda: bench_compare_read(store)),
+                    ("6", lambda: bench_store_rows(args.repeats)),
+                    ("7", lambda: bench_seeds_rows(args.repeats))):
         if key in only:
             rows += fn()
             print(rows[-1], flush=True)

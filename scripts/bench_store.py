@@ -2,7 +2,7 @@
 on PostgreSQL) versus a local SQLite file.
 
 For each store and repeat, one run receives 30,000 values through our buffer
-(`clr_mlflow.tracking.IterationLogger`, formerly `MetricBuffer`) the way the training loop
+(`clr_mlflow.tracking.IterationLogger`) the way the training loop
 sends them: `series(steps, {3 metrics})` calls of 8 iterations each (1,250 calls). Measured:
 
 - loop_us_per_value: time spent inside the `series` calls / 30,000: what the loop pays;
@@ -47,16 +47,8 @@ VALUES = 30_000
 LOG_METRIC_CALLS = 300
 
 
-def buffer_class():
-    return getattr(tracking, "IterationLogger", None) or tracking.MetricBuffer
-
-
 def make_buffer(run_id: str, client: MlflowClient):
-    cls = buffer_class()
-    try:
-        return cls(run_id, client=client)
-    except TypeError:  # a signature without client: it uses the global tracking URI, set by the caller
-        return cls(run_id)
+    return tracking.IterationLogger(run_id, client=client)
 
 
 def one_repeat(uri: str, experiment_id: str, repeat: int) -> dict:
@@ -132,6 +124,21 @@ def bench_store(repeats: int) -> list[dict]:
         finally:
             mlflow.set_tracking_uri(previous_uri)
     return rows
+
+
+def bench_rows(repeats: int) -> list[tuple]:
+    """Rows for scripts/bench.py: the loop's cost per value and the final flush, HTTP vs SQLite."""
+    rows = bench_store(repeats)
+    med = {(store, k): statistics.median(r[k] for r in rows if r["store"] == store)
+           for store in {r["store"] for r in rows} for k in ("loop_us_per_value", "close_s")}
+    http, local = "postgres via mlflow server (HTTP)", "local SQLite file"
+    loop = med[http, "loop_us_per_value"] / med[local, "loop_us_per_value"]
+    return [("6. Per-value cost in the loop, IterationLogger (30,000 values): mlflow server on PostgreSQL over "
+             "HTTP vs local SQLite", f"{med[http, 'loop_us_per_value']:.2f} us vs {med[local, 'loop_us_per_value']:.2f}"
+             " us", f"ratio {loop:.2f}", "<= 1.5 (the buffer keeps it the same)", loop <= 1.5),
+            ("6b. Same, time for close() to store everything: HTTP vs SQLite",
+             f"{med[http, 'close_s']:.2f} s vs {med[local, 'close_s']:.2f} s",
+             f"ratio {med[http, 'close_s'] / med[local, 'close_s']:.1f}", "-", None)]
 
 
 def summary(rows: list[dict]) -> str:

@@ -54,7 +54,7 @@ def _parameter(f, hints) -> str:
 
 # `sweep`: the parameters of `main` but those its lists replace, and its own (type, default).
 # The policies default stays quoted: a comma inside a YAML {...} would end the value.
-SWEEP = {"policies": ("string", f'"{",".join(POLICIES)}"'), "bounds_rules": ("string", "min_div10"),
+SWEEP = {"policies": ("string", f'"{",".join(POLICIES)}"'), "bounds_rules": ("string", "loss_edge"),
          "seeds": ("string", '"0"'), "grid": ("string", '""'), "ray_address": ("string", '""'),
          "cpus_per_trial": ("float", 1), "gpus_per_trial": ("float", 0), "max_concurrent": ("int", 0),
          "early_stop": ("string", "false")}

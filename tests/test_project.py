@@ -31,7 +31,7 @@ def test_every_declared_parameter_reaches_the_command_and_matches_the_cli(entry,
     hints = typing.get_type_hints(Config)
     defaults = {f.name: f.default for f in fields(Config)}
     for name, spec in ep["parameters"].items():
-        assert spec["type"] == ("float" if hints[name] in (int, float) else "string"), name
+        assert spec["type"] == {int: "int", float: "float"}.get(hints[name], "string"), name
         assert str(spec["default"]).lower() == str(defaults[name]).lower() or float(spec["default"]) == defaults[name]
 
 
