@@ -2,6 +2,7 @@
 network as a Logged Model, the datasets it saw as run inputs, and a description."""
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import mlflow
@@ -40,21 +41,18 @@ def log_model(model: torch.nn.Module, example: torch.Tensor) -> str:
     import mlflow.pytorch
     from mlflow.models import infer_signature
 
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            x = example.detach().float().cpu().contiguous()
-            out = model.cpu()(x)
-        signature = infer_signature(x.numpy(), out.numpy())
-        info = mlflow.pytorch.log_model(
-            model, name="model", signature=signature, input_example=x.numpy().astype(np.float32),
-            serialization_format="pickle",  # loads back as the nn.Module (pt2 gives an exported graph)
-            # Naming the requirements skips MLflow's import tracing, which costs seconds.
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"],
-            code_paths=[str(Path(__file__).parent)])
-    finally:
-        model.train(was_training)
+    # A CPU copy in eval mode: the caller's model keeps its device and mode.
+    cpu_model = copy.deepcopy(model).cpu().eval()
+    x = example.detach().float().cpu().contiguous()
+    with torch.no_grad():
+        out = cpu_model(x)
+    info = mlflow.pytorch.log_model(
+        cpu_model, name="model", signature=infer_signature(x.numpy(), out.numpy()),
+        input_example=x.numpy().astype(np.float32),
+        serialization_format="pickle",  # loads back as the nn.Module (pt2 gives an exported graph)
+        # Naming the requirements skips MLflow's import tracing, which costs seconds.
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"],
+        code_paths=[str(Path(__file__).parent)])
     return info.model_uri
 
 

@@ -60,10 +60,12 @@ class Batches:
 
     def _prepare(self, x: torch.Tensor) -> torch.Tensor:
         if self.augment:
-            b, g = len(x), self.generator
-            dy = torch.randint(0, 2 * PAD + 1, (b,), device=self.device, generator=g)
-            dx = torch.randint(0, 2 * PAD + 1, (b,), device=self.device, generator=g)
-            flip = torch.rand(b, device=self.device, generator=g) < 0.5
+            # Draws for the whole global batch, then this rank's share: under torchrun the
+            # ranks' items get different crops (they share the generator's state).
+            b, g, keep = len(x) * self.world, self.generator, slice(self.rank, None, self.world)
+            dy = torch.randint(0, 2 * PAD + 1, (b,), device=self.device, generator=g)[keep]
+            dx = torch.randint(0, 2 * PAD + 1, (b,), device=self.device, generator=g)[keep]
+            flip = (torch.rand(b, device=self.device, generator=g) < 0.5)[keep]
             x = crop_flip(x, dy, dx, flip)
         return self._normalise(x)
 

@@ -53,16 +53,21 @@ def stop_on_signals():
             signal.signal(s, h)
 
 
-def _execute(command: str, kwargs: dict) -> None:
+@contextlib.contextmanager
+def guarded():
+    """What every command that runs a range test or a training shares: SIGTERM handled like
+    Ctrl-C (the run ends KILLED, exit 130 / 143), a rejected input exit 2 (deleting the run
+    `mlflow run` made for it), a training without bounds or diverging exit 1 — each a one-line
+    message, never a traceback."""
     from . import distributed, tracking
     from .data import DataError
-    from .runner import NoBounds, execute
+    from .runner import NoBounds
     from .training import TrainingDiverged
 
     with stop_on_signals() as received, contextlib.ExitStack() as stack:
         stack.callback(distributed.finish)  # torchrun: leave the process group (no-op otherwise)
         try:
-            outcome = execute(Config(**kwargs), command)
+            yield
         except (ConfigError, DataError) as e:
             if os.environ.get("MLFLOW_RUN_ID"):  # `mlflow run` made a run: a rejected input is no result
                 tracking.delete_run(os.environ["MLFLOW_RUN_ID"])
@@ -77,6 +82,13 @@ def _execute(command: str, kwargs: dict) -> None:
             click.echo(f"Interrupted by {signal.Signals(signum).name}: run {run or '-'} is marked KILLED; every "
                        "value measured until now is in MLflow", err=True)
             sys.exit(128 + signum)
+
+
+def _execute(command: str, kwargs: dict) -> None:
+    from .runner import execute
+
+    with guarded():
+        outcome = execute(Config(**kwargs), command)
     if outcome.run_id is None:
         return  # a torchrun rank other than 0: rank 0 reports
     if outcome.bounds_table is not None:
@@ -177,14 +189,10 @@ def reproduce_cmd(run_id: str) -> None:
     and training curves."""
     import pandas as pd
 
-    from .data import DataError
     from .review import reproduce
 
-    try:
+    with guarded():
         rep = reproduce(run_id)
-    except (ConfigError, DataError) as e:
-        click.echo(f"Error: {e}", err=True)
-        sys.exit(2)
     for w in rep.warnings:
         click.echo(f"warning: {w}", err=True)
     with pd.option_context("display.width", 200, "display.float_format", "{:.6g}".format):
@@ -223,15 +231,16 @@ def sweep_cmd(policies, bounds_rules, seed_list, grid, ray_address, cpus_per_tri
     from .compare import display_board
     from .sweep import SweepError, _csv, _ray, parse_grid, sweep
 
-    try:
-        _ray()
-        result = sweep(Config(**kwargs), parse_grid(grid), _csv(policies), _csv(bounds_rules),
-                       _csv(seed_list, int, "--seeds"), ray_address=ray_address or None,
-                       cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial,
-                       max_concurrent=max_concurrent or None, early_stop=early_stop)
-    except (ConfigError, SweepError) as e:
-        click.echo(f"Error: {e}", err=True)
-        sys.exit(2 if isinstance(e, ConfigError) else 1)
+    with guarded():
+        try:
+            _ray()
+            result = sweep(Config(**kwargs), parse_grid(grid), _csv(policies), _csv(bounds_rules),
+                           _csv(seed_list, int, "--seeds"), ray_address=ray_address or None,
+                           cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial,
+                           max_concurrent=max_concurrent or None, early_stop=early_stop)
+        except SweepError as e:
+            click.echo(f"Error: {e}", err=True)
+            sys.exit(1)
     with pd.option_context("display.width", 250, "display.max_columns", 20):
         click.echo(display_board(result.board, result.target).to_string(index=False))
     for t in result.trials[result.trials["outcome"] == "failed"].itertuples():

@@ -33,7 +33,8 @@ def apply_preset(cfg: Config) -> tuple[Config, dict]:
         raise ConfigError(f"Expected preset to be one of {', '.join(PRESETS)} or empty, but got {cfg.preset!r}")
     values, iterations = PRESETS[cfg.preset]
     defaults = {f.name: f.default for f in fields(Config)}
-    changed = {k: v for k, v in values.items() if getattr(cfg, k) == defaults[k] and v != defaults[k]}
+    changed = {k: v for k, v in values.items() if getattr(cfg, k) == defaults[k] and v != defaults[k]
+               and not (cfg.bounds_from and k in ("base_lr", "max_lr"))}  # bounds_from brings its own bounds
     if cfg.iterations == 0 and cfg.epochs == 0 and cfg.cycles == defaults["cycles"] and cfg.policy in iterations:
         changed["iterations"] = iterations[cfg.policy]
     return replace(cfg, **changed), changed

@@ -84,6 +84,10 @@ def execute(cfg: Config, command: str, tags: dict | None = None,
     given_cfg = cfg
     cfg, from_preset = apply_preset(cfg)
     validate(cfg, phases, require_bounds=RANGE not in phases)
+    try:  # before anything reads the store (bounds_from) or loads data
+        tracking.check_store(cfg.experiment)
+    except tracking.StoreError as e:
+        raise ConfigError(str(e)) from None
     given = (cfg.base_lr, cfg.max_lr, "preset" if "max_lr" in from_preset else "given") if cfg.max_lr > 0 else None
     if TRAIN in phases and cfg.bounds_from:
         try:
@@ -92,11 +96,6 @@ def execute(cfg: Config, command: str, tags: dict | None = None,
             raise ConfigError(str(e)) from None
     if given and RANGE in phases and TRAIN in phases:
         phases = (TRAIN,)  # bounds known: no range test needed (a range-test command always tests)
-    if distributed.rank_from_env() == 0:  # only rank 0 uses the store
-        try:
-            tracking.check_store(cfg.experiment)
-        except tracking.StoreError as e:
-            raise ConfigError(str(e)) from None
     ranks, device = distributed.init(pick_device(cfg.device))
     use_fast_kernels(device)
     loaders = load_loaders(cfg, device, (ranks.rank, ranks.world))

@@ -186,15 +186,17 @@ def clr_scheduler(
     _check(policy in POLICIES, "policy", f"one of {', '.join(POLICIES)} for", policy)
     _check(math.isfinite(base_lr) and base_lr > 0, "base_lr", "positive finite", base_lr)
     _check(math.isfinite(max_lr) and max_lr >= base_lr, "max_lr", f"finite value >= base_lr={base_lr} for", max_lr)
+    _check(policy != "one_cycle" or max_lr > base_lr, "max_lr", f"value > base_lr={base_lr} (policy=one_cycle) for",
+           max_lr)
     if policy in CLR_MODES:
-        _check(isinstance(step_size, numbers.Integral) and step_size >= 1, "step_size", f"positive integer (policy={policy})",
+        _check(isinstance(step_size, numbers.Integral) and not isinstance(step_size, bool) and step_size >= 1, "step_size", f"positive integer (policy={policy})",
                step_size)
     if policy == "one_cycle":
         _check(isinstance(total_iters, numbers.Integral) and total_iters >= 2, "total_iters", "integer >= 2 (policy=one_cycle)",
                total_iters)
     _check(0 < gamma <= 1, "gamma", "value in (0, 1] for", gamma)
     _check(0 <= anneal_frac < 1, "anneal_frac", "value in [0, 1) for", anneal_frac)
-    _check(anneal_div >= 1, "anneal_div", "value >= 1 for", anneal_div)
+    _check(math.isfinite(anneal_div) and anneal_div >= 1, "anneal_div", "finite value >= 1 for", anneal_div)
     if cycle_momentum:
         _check(0 <= base_momentum < max_momentum < 1, "base_momentum/max_momentum", "0 <= base < max < 1 for",
                (base_momentum, max_momentum))

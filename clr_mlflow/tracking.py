@@ -75,7 +75,7 @@ class IterationLogger:
             steps.append(step)
             vals.append(value.detach() if isinstance(value, torch.Tensor) else value)
         self.logged_calls += 1
-        if self.logged_calls >= self.sync_every:
+        if self.logged_calls >= self.sync_every or time.monotonic() - self.last_flush > self.flush_seconds:
             self._sync_logged()
 
     def _sync_logged(self) -> None:
@@ -117,8 +117,10 @@ class IterationLogger:
         self.client.log_batch(self.run_id, metrics=metrics, synchronous=True)
 
     def close(self) -> None:
-        self._sync_logged()
-        self.flush()
+        try:
+            self._sync_logged()
+        finally:  # what is on the host already is sent even when the device copy fails
+            self.flush()
         in_flight, self.in_flight = self.in_flight, []
         try:
             for future in in_flight:
@@ -163,14 +165,22 @@ def active_run(experiment: str, run_name: str = "", tags: dict | None = None, sy
     if not os.environ.get("MLFLOW_RUN_ID"):
         mlflow.set_experiment(experiment)
         run_name = run_name or fresh_run_name()
-    run = mlflow.start_run(run_name=run_name or None, tags=tags, log_system_metrics=system_metrics)
+    with _ended_by_outcome(mlflow.start_run(run_name=run_name or None, tags=tags,
+                                            log_system_metrics=system_metrics)) as run:
+        yield run
+
+
+@contextlib.contextmanager
+def _ended_by_outcome(run):
+    """End `run` FINISHED, KILLED (a KeyboardInterrupt: Ctrl-C, or SIGTERM turned into one)
+    or FAILED. A store that fails to take the status never replaces the error on its way."""
     try:
         yield run
-    except KeyboardInterrupt:
-        mlflow.end_run("KILLED")
-        raise
-    except BaseException:
-        mlflow.end_run("FAILED")
+    except BaseException as e:
+        try:
+            mlflow.end_run("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        except Exception as store_error:  # noqa: BLE001
+            print(f"warning: run {run.info.run_id} not marked ended: {store_error}", file=sys.stderr)
         raise
     mlflow.end_run("FINISHED")
 
@@ -185,7 +195,7 @@ def run_scope(tags: dict | None = None):
         mlflow.set_tags({k: v for k, v in (tags or {}).items() if k not in present})
         yield run.info.run_id
         return
-    with mlflow.start_run(run_name=fresh_run_name(), tags=tags) as run:
+    with _ended_by_outcome(mlflow.start_run(run_name=fresh_run_name(), tags=tags)) as run:
         yield run.info.run_id
 
 

@@ -67,9 +67,9 @@ def train(stepper: Stepper, scheduler, loader: Iterable, total_iters: int, *, va
         raw = buf[: t - done].double().cpu().numpy()
         smoothed = smoother.update(raw)
         losses[done:t], smoothed_all[done:t] = raw, smoothed
-        steps = np.arange(done, t)
-        sink.series(steps, {"train/lr": lrs[done:t], "train/loss": raw, "train/smoothed_loss": smoothed})
-        first, done = done, t
+        first, done = done, t  # before the sink: a sink error must not make the error path send it again
+        sink.series(np.arange(first, t), {"train/lr": lrs[first:t], "train/loss": raw,
+                                          "train/smoothed_loss": smoothed})
         bad = np.flatnonzero(~np.isfinite(raw))
         if len(bad):
             raise TrainingDiverged(f"training loss is not finite ({raw[bad[0]]}) at iteration {first + bad[0]}: "

@@ -316,6 +316,9 @@ def test_clr_scheduler_state_dict_and_pickle_round_trip():
     (("triangular", 0.1, 0.01), dict(step_size=10), "max_lr"),
     (("one_cycle", 0.1, 1.0), dict(), "total_iters"),
     (("exp_range", 0.1, 1.0), dict(step_size=10, gamma=2.0), "gamma"),
+    (("one_cycle", 0.1, 0.1), dict(total_iters=40), "max_lr"),  # a zero-height cycle would divide by zero
+    (("triangular", 0.1, 1.0), dict(step_size=True), "step_size"),
+    (("one_cycle", 0.1, 1.0), dict(total_iters=40, anneal_div=float("inf")), "anneal_div"),
 ])
 def test_clr_scheduler_rejects_bad_arguments_before_touching_the_optimizer(args, kwargs, needle):
     opt = torch.optim.SGD(Regressor().parameters(), lr=0.5)
@@ -423,3 +426,17 @@ def test_three_seeds_give_median_bounds_with_their_spread(tracking):
     csv = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=result.run_id, artifact_path="range_test/curve.csv"))
     assert csv.groupby("seed").size().to_dict() == {k: len(r.lrs) for k, r in enumerate(seeds)}
     assert MlflowClient().get_run(result.run_id).data.params["seeds"] == "3"
+
+
+def test_iteration_logger_flushes_on_time_in_a_slow_loop(tracking):
+    import time
+
+    with mlflow.start_run() as run, clr_mlflow.IterationLogger(flush_seconds=0.05) as log:
+        for step in range(3):
+            log.log(step, loss=torch.tensor(float(step)))
+            time.sleep(0.1)
+        for _ in range(100):  # the background write lands while the loop goes on
+            if len(history(run.info.run_id, "loss")[0]) >= 2:
+                break
+            time.sleep(0.05)
+        assert list(history(run.info.run_id, "loss")[0])[:2] == [0, 1]  # before the logger is closed

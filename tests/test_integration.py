@@ -193,7 +193,7 @@ def test_nan_free_numbers_in_the_summary(range_run):
 def test_a_diverging_training_keeps_everything_up_to_the_failure(store, base):
     from clr_mlflow.training import TrainingDiverged
 
-    cfg = Config(**base, limit_train=320, limit_test=100, policy="fixed", base_lr=1e6, max_lr=2e6, iterations=40,
+    cfg = Config(**base, limit_train=320, limit_test=100, policy="fixed", base_lr=5e5, max_lr=1e6, iterations=40,
                  experiment="it_fail")
     with pytest.raises(TrainingDiverged, match="not finite") as failure:
         execute(cfg, "train")

@@ -37,3 +37,8 @@ def test_without_a_preset_there_is_one_group():
     model = build_model(cfg.model, 10)
     assert param_groups(cfg, model) is None
     assert len(make_optimizer(model, "sgd", 0.1, 0.9, True, 5e-4).param_groups) == 1
+
+
+def test_a_preset_leaves_the_bounds_to_bounds_from():
+    cfg, changed = apply_preset(Config(preset="smith2017_cifar10", bounds_from="0" * 32))
+    assert "max_lr" not in changed and cfg.max_lr == 0 and cfg.model == "smith_cifar"
