@@ -49,6 +49,11 @@ def active() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def is_leader() -> bool:
+    """Rank 0 of an initialised process group (or no group at all)."""
+    return not active() or dist.get_rank() == 0
+
+
 def mean_over_ranks(values: list[torch.Tensor]) -> list[torch.Tensor]:
     """Each value averaged over the ranks, in one collective (values are 0-dim tensors)."""
     stacked = torch.stack(values)

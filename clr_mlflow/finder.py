@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import tracking
+from . import batched, distributed, tracking
 from .bounds import RULES
 from .curve import SWEEPS, sweep_lrs
 from .engine import NullSink, Snapshot
@@ -60,6 +60,7 @@ def lr_find(
     bounds_rule: str = "loss_edge",
     bounds_divisor: float = 4.0,
     seeds: int = 1,
+    batched_seeds: bool | None = None,
     device: str | torch.device | None = None,
     amp: torch.dtype | None = None,
     track: bool = True,
@@ -87,7 +88,12 @@ def lr_find(
     - `seeds=K`: K range tests, seed 0 the model as given, seeds 1..K-1 re-initialised
       (`reset_parameters()`) with new data orders; the bounds table gives per rule the
       median bounds over seeds with `max_lr_min`, `max_lr_max` and `seeds` (how many
-      answered), and `seed_results` holds every seed's curve.
+      answered), and `seed_results` holds every seed's curve. `batched_seeds`: run the seeds
+      side by side as one batched model (torch.func.vmap; same curves up to float rounding)
+      rather than one after another. None (default): batched on CUDA for models up to 5M
+      parameters with SGD/Adam/AdamW and no val_loader or scaler, falling back when the
+      first batched step fails (a loss dict, dropout...); True: batched on any device (on
+      the CPU it measured slower: scripts/bench_seeds.py), or a ValueError; False: never.
     - `track`: log into the active MLflow run, or a new one (`range_test/*` series,
       bounds table, curve.csv, curve.png).
 
@@ -113,6 +119,8 @@ def lr_find(
     _need(_is_int(eval_every, 0), "eval_every", "non-negative integer", eval_every)
     _need(_is_int(log_every, 1), "log_every", "positive integer", log_every)
     _need(_is_int(seeds, 1) and seeds <= MAX_SEEDS, "seeds", f"integer in [1, {MAX_SEEDS}] for", seeds)
+    _need(batched_seeds is None or isinstance(batched_seeds, bool), "batched_seeds", "None, True or False as",
+          batched_seeds)
     _need((val_loader is None) == (eval_every == 0), "eval_every" if val_loader is not None else "val_loader",
           "both val_loader and a positive eval_every, or neither, for", eval_every)
     _need(metric_fn is None or callable(metric_fn), "metric_fn", "a callable(model, val_loader) -> float as",
@@ -137,7 +145,12 @@ def lr_find(
     evaluator = metric_eval(metric_fn) if metric_fn is not None else classification_eval(device, amp)
     stepper = Stepper(model, optimizer, loss_fn, device, accumulate, scaler, amp)
     lrs = sweep_lrs(start_lr, end_lr, num_iters, sweep)
+    run_all = batched.runner(batched_seeds, seeds, model, optimizer, loader, loss_fn, lrs, scaler=scaler,
+                             val_loader=val_loader, device=device, accumulate=accumulate, amp=amp, beta=beta,
+                             diverge=diverge, sweep=sweep, progress=progress)
 
+    if distributed.active() and not distributed.is_leader():
+        track = False  # under torchrun only rank 0 logs: one run, not one per rank
     with ExitStack() as stack:
         run_id, sink = None, NullSink()
         if track:
@@ -153,7 +166,7 @@ def lr_find(
                               sweep=sweep, progress=progress)
 
         loaders = [loader] + ([val_loader] if val_loader is not None else [])
-        results = run_seeds(run_one, model, optimizer, loaders, seeds, sink, "range_test/", scaler)
+        results = run_seeds(run_one, model, optimizer, loaders, seeds, sink, "range_test/", scaler, run_all)
         result = combine(results, bounds_rule, bounds_divisor)
         if track:
             sink.close()  # the curve is in MLflow before the artifacts (and before any training)

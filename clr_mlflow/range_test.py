@@ -4,7 +4,7 @@ optimizer, data order and RNGs are put back afterwards."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -97,62 +97,38 @@ class RangeTestResult:
         return range_test_figure(self.to_frame(), bounds, log_x=self.sweep == "exp")
 
 
-class _Curve:
-    """The curve as the loop makes it: each step's losses wait on the device; `flush`
-    brings the pending chunk to the host, smooths it, cuts it at the first step that trips
-    the stop rule, keeps it and reports it to the sink."""
+class _Column:
+    """One curve of the loop: its smoother and stop rule, the steps it kept, and its sink.
+    The loop has one column per model it steps: one, or one per seed (batched.py)."""
 
-    def __init__(self, lrs: np.ndarray, sync_every: int, device: torch.device, beta: float, diverge: float,
-                 sink: Sink, prefix: str):
-        self.lrs, self.sink, self.prefix, self.device = lrs, sink, prefix, device
-        self.smoother, self.rule = EMASmoother(beta), DivergenceRule(diverge)
-        self.buf = torch.empty(sync_every, device=device)
-        self.term_bufs: dict[str, torch.Tensor] = {}
+    def __init__(self, beta: float, diverge: float, sink: Sink):
+        self.smoother, self.rule, self.sink = EMASmoother(beta), DivergenceRule(diverge), sink
         self.losses: list[np.ndarray] = []
         self.smoothed: list[np.ndarray] = []
         self.terms: dict[str, list[np.ndarray]] = {}
         self.evals: list[tuple[int, float, float]] = []
-        self.pending_evals: list[tuple[int, float, float]] = []
-        self.start, self.n = 0, 0     # the pending chunk: steps start .. start + n - 1
+        self.length = 0               # steps kept so far
         self.stop_reason: str | None = None
 
-    @property
-    def next_step(self) -> int:
-        return self.start + self.n
-
-    def add(self, loss: torch.Tensor, terms: dict[str, torch.Tensor]) -> None:
-        self.buf[self.n] = loss
-        for name, value in terms.items():
-            if name not in self.term_bufs:
-                self.term_bufs[name] = torch.full(self.buf.shape, float("nan"), device=self.device)
-                self.terms[name] = [np.full(self.next_step, np.nan)]
-            self.term_bufs[name][self.n] = value
-        self.n += 1
-
-    def add_eval(self, step: int, values: dict[str, float]) -> None:
-        self.pending_evals.append((step, values["accuracy"], values.get("val_loss", np.nan)))
-
-    def flush(self) -> int:
-        """Report the pending chunk; returns how many of its steps were kept."""
-        start, n, p = self.start, self.n, self.prefix
-        raw = self.buf[:n].double().cpu().numpy()
+    def take(self, start: int, raw: np.ndarray, terms: dict[str, np.ndarray], evals: list, lrs: np.ndarray,
+             p: str) -> int:
+        """Smooth a chunk (steps start.., all run by this column's model), cut it at the first
+        step that trips the stop rule, keep it and report it; returns how many steps were kept."""
         smoothed = self.smoother.update(raw)
         bad = self.rule.first_stop(raw, smoothed, start)
-        keep = n if bad is None else bad + 1
+        keep = len(raw) if bad is None else bad + 1
         if bad is not None:
             self.stop_reason = self.rule.reason
         self.losses.append(raw[:keep])
         self.smoothed.append(smoothed[:keep])
-        terms = {}
-        for name, tb in self.term_bufs.items():
-            terms[name] = tb[:keep].double().cpu().numpy()
-            self.terms[name].append(terms[name])
-            tb.fill_(float("nan"))
-        evals = [e for e in self.pending_evals if e[0] < start + keep]
+        terms = {name: values[:keep] for name, values in terms.items()}
+        for name, values in terms.items():
+            self.terms[name].append(values)
+        evals = [e for e in evals if e[0] < start + keep]
         self.evals += evals
-        self.pending_evals, self.start, self.n = [], start + n, 0
+        self.length += keep
         self.sink.series(np.arange(start, start + keep),
-                         {p + "lr": self.lrs[start:start + keep], p + "loss": raw[:keep],
+                         {p + "lr": lrs[start:start + keep], p + "loss": raw[:keep],
                           p + "smoothed_loss": smoothed[:keep]} | {f"{p}loss/{k}": v for k, v in terms.items()})
         if evals:
             e = np.array(evals)
@@ -162,15 +138,71 @@ class _Curve:
             self.sink.points(e[:, 0].astype(int), values)
         return keep
 
-    def result(self, **fields) -> RangeTestResult:
+    def result(self, lrs: np.ndarray, **fields) -> RangeTestResult:
         losses = np.concatenate(self.losses) if self.losses else np.empty(0)
         e = np.array(self.evals).reshape(-1, 3)
         return RangeTestResult(
-            lrs=np.asarray(self.lrs[: len(losses)], dtype=np.float64), losses=losses,
+            lrs=np.asarray(lrs[: len(losses)], dtype=np.float64), losses=losses,
             smoothed=np.concatenate(self.smoothed) if self.smoothed else np.empty(0),
-            eval_steps=e[:, 0].astype(int), accuracies=e[:, 1], val_losses=e[:, 2], planned_iters=len(self.lrs),
+            eval_steps=e[:, 0].astype(int), accuracies=e[:, 1], val_losses=e[:, 2], planned_iters=len(lrs),
             stop_reason=self.stop_reason or "reached lr_end without diverging",
             terms={k: np.concatenate(v) for k, v in self.terms.items()}, **fields)
+
+
+class _Curve:
+    """The curves as the loop makes them, one column per model stepped: each step's losses
+    wait on the device (one row per step); `flush` brings the pending chunk to the host and
+    hands each column still running its part. The loop runs while any column runs."""
+
+    def __init__(self, lrs: np.ndarray, sync_every: int, device: torch.device, beta: float, diverge: float,
+                 sinks: Sequence[Sink], prefix: str):
+        self.lrs, self.prefix, self.device = lrs, prefix, device
+        self.columns = [_Column(beta, diverge, sink) for sink in sinks]
+        self.buf = torch.empty(sync_every, len(self.columns), device=device)
+        self.term_bufs: dict[str, torch.Tensor] = {}
+        self.pending_evals: list[tuple[int, float, float]] = []
+        self.start, self.n = 0, 0     # the pending chunk: steps start .. start + n - 1
+
+    @property
+    def next_step(self) -> int:
+        return self.start + self.n
+
+    @property
+    def running(self) -> bool:
+        return any(c.stop_reason is None for c in self.columns)
+
+    def add(self, loss: torch.Tensor, terms: dict[str, torch.Tensor]) -> None:
+        """One step's loss: a scalar (one model) or one value per column (broadcast to the row)."""
+        self.buf[self.n] = loss
+        for name, value in terms.items():
+            if name not in self.term_bufs:
+                self.term_bufs[name] = torch.full(self.buf.shape, float("nan"), device=self.device)
+                for c in self.columns:  # NaN for the steps each column kept before the term appeared
+                    c.terms[name] = [np.full(c.length, np.nan)]
+            self.term_bufs[name][self.n] = value
+        self.n += 1
+
+    def add_eval(self, step: int, values: dict[str, float]) -> None:
+        self.pending_evals.append((step, values["accuracy"], values.get("val_loss", np.nan)))
+
+    def flush(self) -> int:
+        """Report the pending chunk; returns the most steps a column kept of it."""
+        start, n = self.start, self.n
+        # One copy per chunk, as float64 columns (a copy even where the buffer is float64
+        # already: the next chunk overwrites the buffer, not what was kept).
+        raw = self.buf[:n].to("cpu", torch.float64, copy=True).numpy().T.copy()
+        terms = {name: tb[:n].to("cpu", torch.float64, copy=True).numpy().T.copy()
+                 for name, tb in self.term_bufs.items()}
+        for tb in self.term_bufs.values():
+            tb.fill_(float("nan"))
+        evals, self.pending_evals = self.pending_evals, []
+        self.start, self.n = start + n, 0
+        kept = [c.take(start, raw[i], {k: v[i] for k, v in terms.items()}, evals, self.lrs, self.prefix)
+                for i, c in enumerate(self.columns) if c.stop_reason is None]
+        return max(kept, default=0)
+
+    def results(self, **fields) -> list[RangeTestResult]:
+        return [c.result(self.lrs, **fields) for c in self.columns]
 
 
 def range_test(stepper: Stepper, loader: Iterable, lrs: np.ndarray, *, accumulate: int = 1, beta: float = 0.98,
@@ -181,17 +213,34 @@ def range_test(stepper: Stepper, loader: Iterable, lrs: np.ndarray, *, accumulat
     lrs[i] * lr_g / lr_0, so discriminative lrs keep their ratios. Model, optimizer, data
     order and RNGs are restored afterwards, also when the loop raises; what it measured
     before an error or Ctrl-C still reaches the sink."""
+    return range_tests(stepper, loader, lrs, accumulate=accumulate, beta=beta, diverge=diverge,
+                       val_loader=val_loader, evaluator=evaluator, eval_every=eval_every, sinks=[sink],
+                       prefix=prefix, sync_every=sync_every, sweep=sweep, progress=progress)[0]
+
+
+def range_tests(stepper: Stepper, loader: Iterable, lrs: np.ndarray, *, accumulate: int = 1, beta: float = 0.98,
+                diverge: float = 4.0, val_loader: Iterable | None = None, evaluator: Evaluator | None = None,
+                eval_every: int = 0, sinks: Sequence[Sink] = (NullSink(),), prefix: str = "range_test/",
+                sync_every: int = SYNC_EVERY, sweep: str = "exp", progress: bool = True) -> list[RangeTestResult]:
+    """The loop (`range_test` is this with one sink), one curve per sink. With a `Stepper`,
+    one model and one sink. With a `batched.BatchedStepper` of K seeds, K sinks: `loader`
+    yields a tuple of K batches and each step gives K losses; each curve stops at its own
+    divergence and the loop when all have stopped (a stopped seed still steps, unrecorded,
+    as steps after a stop within a chunk do)."""
+    if len(sinks) > 1 and val_loader is not None:
+        raise ValueError("Expected no val_loader with several curves in one loop: held-out evaluation "
+                         "runs one model (run the seeds one after another)")
     model, optimizer = stepper.model, stepper.optimizer
     snapshot = Snapshot(model, optimizer, loader, *([val_loader] if val_loader is not None else []),
                         scaler=stepper.scaler)
     ratios = [g["lr"] / optimizer.param_groups[0]["lr"] for g in optimizer.param_groups]
-    curve = _Curve(lrs, sync_every, stepper.device, beta, diverge, sink, prefix)
+    curve = _Curve(lrs, sync_every, stepper.device, beta, diverge, sinks, prefix)
     skipped = 0
     model.train()
     try:
         stream = cycle(loader)
         with tqdm(total=len(lrs), desc="range test", unit="it", leave=False, disable=not progress) as bar:
-            while curve.next_step < len(lrs) and curve.stop_reason is None:
+            while curve.next_step < len(lrs) and curve.running:
                 i = curve.next_step
                 for group, ratio in zip(optimizer.param_groups, ratios):
                     group["lr"] = float(lrs[i]) * ratio
@@ -213,4 +262,4 @@ def range_test(stepper: Stepper, loader: Iterable, lrs: np.ndarray, *, accumulat
         raise
     finally:
         snapshot.restore()
-    return curve.result(skipped_steps=skipped, sweep=sweep)
+    return curve.results(skipped_steps=skipped, sweep=sweep)
