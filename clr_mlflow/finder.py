@@ -193,13 +193,10 @@ def _check_default_batches(model: nn.Module, optimizer: torch.optim.Optimizer, l
 
 def _log_result(result: RangeTestResult) -> None:
     """The range test's artifacts, tags and summary metrics, into the active run."""
-    from . import plots
-
     table = result.bounds
     tracking.log_table(table, tracking.BOUNDS_TABLE)
     tracking.log_frame_csv(result.curves(), "range_test/curve.csv")
-    tracking.log_figure(plots.range_test_figure(result.to_frame(), table, log_x=result.sweep == "exp"),
-                        "range_test/curve.png")
+    tracking.log_figure(result.plot(), "range_test/curve.png")
     tracking.set_tags({"bounds_rule": result.bounds_rule, "range_test.stop_reason": result.stop_reason})
     summary = {"range_test/iterations": len(result.lrs), "range_test/skipped_steps": result.skipped_steps}
     if len(result.smoothed) and np.isfinite(result.smoothed).any():

@@ -77,15 +77,23 @@ def _loss_ylim(curve: pd.DataFrame, lrs_marked: list[float]) -> tuple[tuple[floa
 
 
 def range_test_figure(curve: pd.DataFrame, bounds: pd.DataFrame, log_x: bool = True,
-                      own_base_lr: tuple[str, ...] = OWN_BASE_LR) -> plt.Figure:
+                      own_base_lr: tuple[str, ...] = OWN_BASE_LR, band: pd.DataFrame | None = None,
+                      seeds: int = 1) -> plt.Figure:
     """Smoothed loss vs lr (raw loss faint), each rule's max_lr marked in its own colour and
     dash pattern (rule_styles), the base_lr of rules in `own_base_lr` marked too, the chosen
     bounds shaded, held-out accuracy on a twin axis when it was measured. The y axis holds
     the smoothed and the raw loss up to the marked lrs (_loss_ylim); the title says from
-    which lr on loss leaves the view (the diverging tail)."""
+    which lr on loss leaves the view (the diverging tail). With `band` (lr, median, low, high
+    over `seeds` range tests) the median smoothed loss is drawn with its min-max band, and
+    each rule's max_lr spread over the seeds (max_lr_min..max_lr_max) is shaded."""
     fig, ax = plt.subplots(figsize=(9, 6.5))
     ax.plot(curve["lr"], curve["loss"], color=LOSS_COLOR, alpha=0.3, lw=1, label="loss")
-    ax.plot(curve["lr"], curve["smoothed_loss"], color=LOSS_COLOR, lw=2, label="smoothed loss")
+    if band is not None:
+        ax.fill_between(band["lr"], band["low"], band["high"], color=LOSS_COLOR, alpha=0.25,
+                        label=f"smoothed loss, min-max over {seeds} seeds")
+        ax.plot(band["lr"], band["median"], color=LOSS_COLOR, lw=2, label=f"median smoothed loss ({seeds} seeds)")
+    else:
+        ax.plot(curve["lr"], curve["smoothed_loss"], color=LOSS_COLOR, lw=2, label="smoothed loss")
     if log_x:
         ax.set_xscale("log")
     styles = rule_styles(list(bounds["rule"]) if len(bounds) else [])
@@ -96,6 +104,9 @@ def range_test_figure(curve: pd.DataFrame, bounds: pd.DataFrame, log_x: bool = T
         if max_ok:
             ax.axvline(row.max_lr, color=color, ls=dash, lw=1.6, label=f"{row.rule}: max_lr {row.max_lr:.3g}")
             marked.append(row.max_lr)
+            low, high = getattr(row, "max_lr_min", np.nan), getattr(row, "max_lr_max", np.nan)
+            if band is not None and np.isfinite(low) and np.isfinite(high) and high > low:
+                ax.axvspan(low, high, ymin=0, ymax=0.06, color=color, alpha=0.5)  # the rule's spread over seeds
         if base_ok and row.rule in own_base_lr:
             ax.axvline(row.base_lr, color=color, ls=dash, lw=1.0, alpha=0.8,
                        label=f"{row.rule}: base_lr {row.base_lr:.3g}")

@@ -87,14 +87,29 @@ class RangeTestResult:
             raise ValueError(f"rule {rule} gave no bounds on this curve: {row['note']}")
         return float(row["base_lr"]), float(row["max_lr"])
 
+    def band(self) -> pd.DataFrame | None:
+        """With several seeds: per step (every seed swept the same lrs) the lr and the median,
+        min and max smoothed loss over the seeds that got that far; None with one seed."""
+        if len(self.seed_results) < 2:
+            return None
+        n = max(len(r.lrs) for r in self.seed_results)
+        stacked = np.full((len(self.seed_results), n), np.nan)
+        for i, r in enumerate(self.seed_results):
+            stacked[i, :len(r.smoothed)] = r.smoothed
+        lrs = max(self.seed_results, key=lambda r: len(r.lrs)).lrs
+        return pd.DataFrame({"lr": lrs, "median": np.nanmedian(stacked, 0), "low": np.nanmin(stacked, 0),
+                             "high": np.nanmax(stacked, 0)})
+
     def plot(self):
-        """The range-test figure (loss and smoothed loss vs lr, the bounds of every rule),
-        the same as the run's range_test/curve.png."""
+        """The range-test figure (loss and smoothed loss vs lr, the bounds of every rule; with
+        several seeds the median curve, its min-max band and each rule's spread), the same
+        as the run's range_test/curve.png."""
         from .plots import range_test_figure
 
         bounds = self.bounds if self.bounds is not None else pd.DataFrame(
             columns=["rule", "base_lr", "max_lr", "selected", "note"])
-        return range_test_figure(self.to_frame(), bounds, log_x=self.sweep == "exp")
+        return range_test_figure(self.to_frame(), bounds, log_x=self.sweep == "exp", band=self.band(),
+                                 seeds=max(1, len(self.seed_results)))
 
 
 class _Column:

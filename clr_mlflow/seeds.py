@@ -18,7 +18,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
-import pandas as pd
 import torch
 from torch import nn
 
@@ -118,15 +117,3 @@ def combine(results: list[RangeTestResult], rule: str, divisor: float) -> RangeT
     tables = [r.with_bounds(rule, divisor).bounds for r in results]
     return dataclasses.replace(results[0], bounds=spread_frame(tables), bounds_rule=rule,
                                seed_results=tuple(results))
-
-
-def median_curve(results: list[RangeTestResult]) -> pd.DataFrame:
-    """Per step (every seed swept the same lrs): lr, and the median, min and max of the
-    smoothed loss over the seeds that got that far."""
-    n = max(len(r.lrs) for r in results)
-    stacked = np.full((len(results), n), np.nan)
-    for i, r in enumerate(results):
-        stacked[i, :len(r.smoothed)] = r.smoothed
-    longest = max(results, key=lambda r: len(r.lrs))
-    return pd.DataFrame({"lr": longest.lrs, "median": np.nanmedian(stacked, 0), "low": np.nanmin(stacked, 0),
-                         "high": np.nanmax(stacked, 0)})

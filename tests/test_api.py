@@ -426,6 +426,13 @@ def test_three_seeds_give_median_bounds_with_their_spread(tracking):
     csv = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=result.run_id, artifact_path="range_test/curve.csv"))
     assert csv.groupby("seed").size().to_dict() == {k: len(r.lrs) for k, r in enumerate(seeds)}
     assert MlflowClient().get_run(result.run_id).data.params["seeds"] == "3"
+    # the plot: the median smoothed curve with its min-max band over the seeds
+    band = result.band()
+    np.testing.assert_allclose(band["median"].iloc[:10], np.median([r.smoothed[:10] for r in seeds], axis=0))
+    assert (band["low"] <= band["median"]).all() and (band["median"] <= band["high"]).all()
+    ax = result.plot().axes[0]
+    assert any(c.get_label() == "smoothed loss, min-max over 3 seeds" for c in ax.collections)
+    assert any(line.get_label() == "median smoothed loss (3 seeds)" for line in ax.lines)
 
 
 def test_iteration_logger_flushes_on_time_in_a_slow_loop(tracking):
