@@ -76,5 +76,10 @@ def same_weights_everywhere(model: torch.nn.Module) -> bool:
 
 
 def finish() -> None:
+    """Leave the process group together: a rank that tears its group down while another is
+    still logging (rank 0 writes the model, the run) can abort in gloo's threads."""
     if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()

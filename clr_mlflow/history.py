@@ -82,7 +82,9 @@ def bounds_tables(experiment_id: str, run_ids: list[str]) -> pd.DataFrame:
         with quiet_downloads():
             return MlflowClient().load_table(experiment_id, BOUNDS_TABLE, run_ids=list(run_ids),
                                              extra_columns=["run_id"])
-    except MlflowException:
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_DOES_NOT_EXIST":  # only "no such table" means none; a store error shows
+            raise
         return pd.DataFrame(columns=BOUNDS_COLUMNS)
 
 

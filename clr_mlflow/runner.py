@@ -161,10 +161,6 @@ def execute(cfg: Config, command: str, tags: dict | None = None,
                 raise NoBounds(f"bounds_rule {cfg.bounds_rule} found no bounds on this curve (see range_test/bounds.json"
                                " and curve.png): pass base_lr and max_lr, or choose another bounds_rule")
             out.training = _train_phase(cfg, stepper, model, loaders, out, on_epoch)
-        if ranks.world > 1:
-            out.ranks_agree = distributed.same_weights_everywhere(model)
-            if run:
-                tracking.set_tags({"ddp.weights_identical": str(out.ranks_agree).lower()})
         if run:
             assets.describe_run(out.description())
     return out
@@ -201,11 +197,15 @@ def _train_phase(cfg: Config, stepper: Stepper, model, loaders: Loaders, out: Ou
     with logger as sink:
         result = train(stepper, scheduler, loaders.train, total, val_loader=loaders.val, evaluator=evaluator,
                        beta=cfg.beta, sink=sink, progress=out.run_id is not None, on_epoch=on_epoch)
+    if distributed.active():  # all ranks together, before rank 0 goes on to log
+        out.ranks_agree = distributed.same_weights_everywhere(model)
     # The test split, once, after training: nothing (bounds, epochs) was chosen on it.
     test = evaluate(evaluator, stepper.model, loaders.test)
     out.test_accuracy = test["accuracy"]
     if not out.run_id:
         return result
+    if out.ranks_agree is not None:
+        tracking.set_tags({"ddp.weights_identical": str(out.ranks_agree).lower()})
     cycle_len = 2 * step_size if isinstance(schedule, CyclicLR) else None
     titles = dict(policy=cfg.policy, bounds=(base_lr, max_lr))
     tracking.log_figure(plots.schedule_figure(result.lrs, cycle_len, **titles), "train/schedule.png")
