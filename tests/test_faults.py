@@ -83,7 +83,7 @@ def test_a_rejected_input_inside_mlflow_run_leaves_no_run_that_looks_like_a_resu
 
 def test_unnamed_runs_with_the_same_seed_get_different_names_and_training_records_system_metrics(
         store_env, cifar, data_dir):
-    env = dict(store_env, MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="1")
+    env = dict(store_env, MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="0.2")  # a few samples in a short run
     args = ["train", "--data", str(cifar), "--data-dir", str(data_dir), "--limit-train", "400", "--limit-test", "64",
             "--batch-size", "32", "--base-lr", "0.01", "--max-lr", "0.1", "--iterations", "60", "--step-size", "10",
             "--device", "cpu", "--experiment", "names", "--save-model", "false"]
