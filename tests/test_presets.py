@@ -42,3 +42,17 @@ def test_without_a_preset_there_is_one_group():
 def test_a_preset_leaves_the_bounds_to_bounds_from():
     cfg, changed = apply_preset(Config(preset="smith2017_cifar10", bounds_from="0" * 32))
     assert "max_lr" not in changed and cfg.max_lr == 0 and cfg.model == "smith_cifar"
+
+
+def test_a_range_test_with_a_preset_always_tests(tracking, cifar, data_dir):
+    """The preset's max_lr counts as given bounds for training, but range-test never skips its test."""
+    from clr_mlflow.runner import execute
+
+    cfg = Config(preset="smith2017_cifar10", data=str(cifar), data_dir=str(data_dir), limit_train=1200,
+                 limit_test=100, batch_size=50, num_iters=20, lr_start=1e-4, lr_end=1.0, device="cpu",
+                 experiment="preset_rt")
+    out = execute(cfg, "range-test")
+    assert out.range_test is not None and len(out.range_test.lrs) >= 10
+    from mlflow import MlflowClient
+
+    assert len(MlflowClient().get_metric_history(out.run_id, "range_test/lr")) == len(out.range_test.lrs)
