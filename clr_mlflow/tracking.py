@@ -157,16 +157,20 @@ def fresh_run_name() -> str:
 
 
 @contextlib.contextmanager
-def active_run(experiment: str, run_name: str = "", tags: dict | None = None, system_metrics: bool = False):
-    """The run to log into: the one `mlflow run` made (MLFLOW_RUN_ID), else a new one in
-    `experiment`. It ends KILLED when a KeyboardInterrupt (Ctrl-C, or SIGTERM turned into
+def active_run(experiment: str, run_name: str = "", tags: dict | None = None, system_metrics: bool = False,
+               run_id: str | None = None):
+    """The run to log into: `run_id` (an existing run, reopened: status RUNNING again), the
+    one `mlflow run` made (MLFLOW_RUN_ID), else a new one in `experiment`. It ends KILLED when a KeyboardInterrupt (Ctrl-C, or SIGTERM turned into
     one) leaves the body, FAILED on any other error. `system_metrics`: MLflow samples CPU,
     memory, disk, network (and GPU) use into `system/*` while the run is open."""
-    if not os.environ.get("MLFLOW_RUN_ID"):
-        mlflow.set_experiment(experiment)
-        run_name = run_name or fresh_run_name()
-    with _ended_by_outcome(mlflow.start_run(run_name=run_name or None, tags=tags,
-                                            log_system_metrics=system_metrics)) as run:
+    if run_id:
+        started = mlflow.start_run(run_id=run_id, log_system_metrics=system_metrics)
+    else:
+        if not os.environ.get("MLFLOW_RUN_ID"):
+            mlflow.set_experiment(experiment)
+            run_name = run_name or fresh_run_name()
+        started = mlflow.start_run(run_name=run_name or None, tags=tags, log_system_metrics=system_metrics)
+    with _ended_by_outcome(started) as run:
         yield run
 
 
@@ -251,6 +255,11 @@ def log_figure(fig: matplotlib.figure.Figure, path: str) -> None:
 
 def log_frame_csv(df: pd.DataFrame, path: str) -> None:
     mlflow.log_text(df.to_csv(index=False), path)
+
+
+def log_artifact_file(local_path: str | Path, artifact_dir: str) -> None:
+    """Copy a local file into the active run's artifacts, under `artifact_dir`."""
+    mlflow.log_artifact(str(local_path), artifact_dir)
 
 
 def log_table(table: pd.DataFrame, path: str) -> None:
