@@ -80,6 +80,7 @@ class Config:
     max_momentum: float = _p(0.95, "momentum at base_lr when cycle_momentum", (TRAIN,))
     anneal_frac: float = _p(0.1, "one_cycle: share of training spent annealing below base_lr", (TRAIN,))
     anneal_div: float = _p(100.0, "one_cycle: final lr = base_lr / anneal_div", (TRAIN,))
+    checkpoint_every: int = _p(-1, "write the training state to the run's train/checkpoint.pt every this many iterations, for `clr-mlflow resume` (-1: at every epoch end, 0: never); also when interrupted", (TRAIN,))
     save_model: bool = _p(True, "log the trained network as the run's Logged Model `model` (mlflow.pytorch.load_model)", (TRAIN,))
     system_metrics: bool = _p(True, "record CPU, memory, disk, network (and GPU) use as the run's system/* metrics", (TRAIN,))
 
@@ -114,7 +115,7 @@ def _plugin(name: str, spec: str) -> None:
 LIMITS = {"num_iters": 10**7, "iterations": 10**9, "step_size": 10**9, "step_epochs": 10**6, "epochs": 10**6,
           "cycles": 10**6, "eval_every": 10**9, "lr_start": 1e6, "lr_end": 1e6, "base_lr": 1e6, "max_lr": 1e6,
           "bounds_divisor": 1e6, "diverge": 1e12, "anneal_div": 1e12, "batch_size": 10**7, "limit_train": 10**9,
-          "limit_test": 10**9, "image_size": 4096, "log_every": 10**9, "weight_decay": 1e3, "seed": 2**32 - 1}
+          "limit_test": 10**9, "image_size": 4096, "log_every": 10**9, "checkpoint_every": 10**9, "weight_decay": 1e3, "seed": 2**32 - 1}
 
 
 def _numbers(cfg: Config) -> None:
@@ -184,6 +185,8 @@ def validate(cfg: Config, phases: tuple[str, ...], require_bounds: bool = False)
         _need(cfg.cycles >= 0, "cycles", "non-negative integer", cfg.cycles)
         _need(cfg.epochs >= 0, "epochs", "non-negative integer", cfg.epochs)
         _need(cfg.iterations >= 0, "iterations", "non-negative integer", cfg.iterations)
+        _need(cfg.checkpoint_every >= -1, "checkpoint_every", "-1 (every epoch), 0 (never) or a positive integer for",
+              cfg.checkpoint_every)
         if cfg.cycles == 0 and cfg.epochs == 0 and cfg.iterations == 0:
             raise ConfigError("Expected positive cycles, epochs or iterations, but got all three 0")
         _need(0 < cfg.gamma <= 1, "gamma", "value in (0, 1] for", cfg.gamma)

@@ -5,6 +5,7 @@ import contextlib
 import io
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -135,6 +136,7 @@ class RunRecord:
     metrics: dict[str, float]
     tags: dict[str, str]
     experiment_id: str = ""
+    status: str = ""
 
     @property
     def name(self) -> str:
@@ -150,7 +152,22 @@ def run_record(run_id: str) -> RunRecord:
         raise ValueError(f"Expected RUN_ID to name an existing run, but got {run_id!r}") from None
     experiment = client.get_experiment(run.info.experiment_id).name
     return RunRecord(run_id, experiment, dict(run.data.params), dict(run.data.metrics), dict(run.data.tags),
-                     run.info.experiment_id)
+                     run.info.experiment_id, run.info.status)
+
+
+def download_artifact(run_id: str, path: str, dst: Path) -> Path | None:
+    """A run's artifact file copied into the folder `dst`, or None when the run has none."""
+    try:
+        with quiet_downloads():
+            return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=str(dst)))
+    except (MlflowException, OSError):
+        return None
+
+
+def last_step(run_id: str, key: str) -> int:
+    """The last step of a run's metric `key` (-1 when it has none)."""
+    steps = metric_series(run_id, key)["step"]
+    return int(steps.max()) if len(steps) else -1
 
 
 @dataclass(frozen=True)

@@ -136,6 +136,14 @@ def config_of_run(params: dict[str, str], experiment: str, shell_quoted: bool = 
     return Config(**(config_values(params, shell_quoted) | {"experiment": experiment, "run_name": run_name}))
 
 
+def run_command(run: history.RunRecord) -> str | None:
+    """The command (range-test, train, run) that made a run of ours, None for other runs."""
+    tags = run.tags
+    if tags.get("clr_mlflow.kind") in ("compare", "sweep", "resume"):
+        return None
+    return tags.get("clr_mlflow.command") or ENTRY_POINTS.get(tags.get(MLFLOW_RUN_TAG, ""))
+
+
 def reproduction_name(original: str) -> str:
     """The name of a reproduction: its original's name, marked."""
     return f"{original} (reproduction)" if original else "reproduction"
@@ -163,8 +171,8 @@ def reproduce(run_id: str) -> Reproduction:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     tags = run.tags
-    command = tags.get("clr_mlflow.command") or ENTRY_POINTS.get(tags.get(MLFLOW_RUN_TAG, ""))
-    if command is None or tags.get("clr_mlflow.kind") == "compare":
+    command = run_command(run)
+    if command is None:
         raise ConfigError(f"Expected RUN_ID to name a range-test or training run of clr_mlflow, but {run_id} is not")
     cfg = config_of_run(run.params, run.experiment, shell_quoted=MLFLOW_RUN_TAG in tags,
                         run_name=reproduction_name(run.name))

@@ -4,14 +4,18 @@ the run is created."""
 from __future__ import annotations
 
 import contextlib
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
 
 import pandas as pd
 import torch
 
-from . import assets, distributed, history, plots, plugins, tracking
+from . import assets, checkpoint, distributed, history, plots, plugins, tracking
 from .config import COMMANDS, RANGE, TRAIN, Config, ConfigError, validate
 from .engine import NullSink, make_optimizer, pick_device, seed_everything, use_fast_kernels
 from .finder import MIN_STEPS, lr_find
@@ -22,6 +26,14 @@ from .range_test import RangeTestResult
 from .schedules import CLR_MODES, CyclicLR, ScheduleLR, make_schedule
 from .steps import CrossEntropy, Stepper, classification_eval, evaluate
 from .training import TrainResult, train
+
+
+@dataclass(frozen=True)
+class Resumption:
+    """An interrupted run to continue in place (see resume.py)."""
+    run_id: str
+    state: dict         # its checkpoint (checkpoint.py), with the bounds it trained with
+    logged: dict[str, int]  # metric -> its last step already in the run: only later steps are logged
 
 
 class NoBounds(RuntimeError):
@@ -76,20 +88,23 @@ class Outcome:
 
 
 def execute(cfg: Config, command: str, tags: dict | None = None,
-            on_epoch: Callable[[dict], None] | None = None) -> Outcome:
+            on_epoch: Callable[[dict], None] | None = None, resume: Resumption | None = None) -> Outcome:
     """Run a command's phases (range test, training, or both chained) into one MLflow run.
     `cfg` is the config as the user gave it; a preset is applied here. `on_epoch(row)` is
-    called after every training epoch with its row (epoch, step, val_accuracy, ...)."""
+    called after every training epoch with its row (epoch, step, val_accuracy, ...).
+    `resume`: continue that run's training from its checkpoint, in the same run."""
     requested = phases = COMMANDS[command]
     given_cfg = cfg
     cfg, from_preset = apply_preset(cfg)
-    validate(cfg, phases, require_bounds=RANGE not in phases)
+    validate(cfg, phases, require_bounds=RANGE not in phases and resume is None)
     try:  # before anything reads the store (bounds_from) or loads data
         tracking.check_store(cfg.experiment)
     except tracking.StoreError as e:
         raise ConfigError(str(e)) from None
     given = (cfg.base_lr, cfg.max_lr, "preset" if "max_lr" in from_preset else "given") if cfg.max_lr > 0 else None
-    if TRAIN in phases and cfg.bounds_from:
+    if resume is not None:  # the range test (if any) is done: train on with the bounds it gave
+        phases, given = (TRAIN,), tuple(resume.state["bounds"])
+    elif TRAIN in phases and cfg.bounds_from:
         try:
             given = history.chosen_bounds(cfg.bounds_from)
         except ValueError as e:
@@ -123,12 +138,12 @@ def execute(cfg: Config, command: str, tags: dict | None = None,
     tags = tracking.provenance_tags(str(device)) | {"clr_mlflow.kind": "+".join(phases),
                                                     "clr_mlflow.command": command} | (tags or {})
     # Under torchrun only rank 0 makes the run and logs; the others compute alongside.
-    run_scope = tracking.active_run(cfg.experiment, cfg.run_name, tags,
+    run_scope = tracking.active_run(cfg.experiment, cfg.run_name, tags, run_id=resume and resume.run_id,
                                     system_metrics=TRAIN in phases and cfg.system_metrics) \
         if ranks.leader else contextlib.nullcontext()
     with run_scope as run:
         out = Outcome(run.info.run_id if run else None, cfg, loaders=loaders)
-        if run:
+        if run and resume is None:
             # Params keep the values as given (base_lr=0 means "from the range test"), so a run
             # can be repeated from its params; what training actually used is effective.*.
             tracking.log_params(given_cfg.params(requested) | loaders.params
@@ -160,13 +175,14 @@ def execute(cfg: Config, command: str, tags: dict | None = None,
             if out.bounds is None:
                 raise NoBounds(f"bounds_rule {cfg.bounds_rule} found no bounds on this curve (see range_test/bounds.json"
                                " and curve.png): pass base_lr and max_lr, or choose another bounds_rule")
-            out.training = _train_phase(cfg, stepper, model, loaders, out, on_epoch)
+            out.training = _train_phase(cfg, stepper, model, loaders, out, on_epoch, resume)
         if run:
             assets.describe_run(out.description())
     return out
 
 
-def _train_phase(cfg: Config, stepper: Stepper, model, loaders: Loaders, out: Outcome, on_epoch) -> TrainResult:
+def _train_phase(cfg: Config, stepper: Stepper, model, loaders: Loaders, out: Outcome, on_epoch,
+                 resume: Resumption | None) -> TrainResult:
     base_lr, max_lr, rule = out.bounds
     ipe = len(loaders.train)
     step_size = cfg.step_size or max(1, round(cfg.step_epochs * ipe))
@@ -187,16 +203,21 @@ def _train_phase(cfg: Config, stepper: Stepper, model, loaders: Loaders, out: Ou
             "bounds_source": source, "effective.base_lr": base_lr, "effective.max_lr": max_lr,
             "effective.step_size": step_size, "total_iters": total, "iters_per_epoch": ipe})
         tracking.set_tags({"policy": cfg.policy, "bounds_rule": rule})
-        if out.range_test is None:
+        if out.range_test is None and resume is None:
             tracking.log_metrics({"bounds/base_lr": base_lr, "bounds/max_lr": max_lr})
     momentum = (cfg.base_momentum, cfg.max_momentum) if cfg.cycle_momentum else None
     scheduler = ScheduleLR(stepper.optimizer, schedule, momentum)
     evaluator = classification_eval(stepper.device, stepper.amp)
     logger = tracking.IterationLogger(out.run_id, log_every=cfg.log_every) if out.run_id \
         else contextlib.nullcontext(NullSink())
-    with logger as sink:
+    with logger as sink, tempfile.TemporaryDirectory(prefix="clr_mlflow-") as workdir:
+        if resume is not None:
+            sink = After(sink, resume.logged)
+        save = _checkpointer(out.run_id, out.bounds, Path(workdir)) if out.run_id else None
         result = train(stepper, scheduler, loaders.train, total, val_loader=loaders.val, evaluator=evaluator,
-                       beta=cfg.beta, sink=sink, progress=out.run_id is not None, on_epoch=on_epoch)
+                       beta=cfg.beta, sink=sink, progress=out.run_id is not None, on_epoch=on_epoch,
+                       checkpoint_every=cfg.checkpoint_every, on_checkpoint=save,
+                       resume=resume.state if resume else None)
     if distributed.active():  # all ranks together, before rank 0 goes on to log
         out.ranks_agree = distributed.same_weights_everywhere(model)
     # The test split, once, after training: nothing (bounds, epochs) was chosen on it.
@@ -217,3 +238,38 @@ def _train_phase(cfg: Config, stepper: Stepper, model, loaders: Loaders, out: Ou
     if cfg.save_model:
         assets.log_model(model, loaders.example)
     return result
+
+
+CHECKPOINTED: set[str] = set()  # runs this process wrote a checkpoint for (the CLI says how to resume them)
+
+
+def _checkpointer(run_id: str, bounds: tuple, workdir: Path) -> Callable[[dict], None]:
+    """The loop's on_checkpoint: the state and the bounds, saved whole, as the run's artifact."""
+    def save(state: dict) -> None:
+        path = checkpoint.save(state | {"bounds": list(bounds)}, workdir / checkpoint.FILE)
+        tracking.log_artifact_file(path, checkpoint.ARTIFACT_DIR)
+        CHECKPOINTED.add(run_id)
+
+    return save
+
+
+class After:
+    """A sink passing on, per metric, only the steps after the last one the run already has
+    (`last`: key -> step): a run that failed after its last checkpoint logged some iterations
+    the resumed loop runs again, and MLflow would keep both copies."""
+
+    def __init__(self, sink, last: dict[str, int]):
+        self.sink, self.last = sink, last
+
+    def _send(self, method, steps, values: dict) -> None:
+        steps = np.asarray(steps)
+        for key, vals in values.items():
+            keep = steps > self.last.get(key, -1)
+            if keep.any():
+                method(steps[keep], {key: np.asarray(vals)[keep]})
+
+    def series(self, steps, values: dict) -> None:
+        self._send(self.sink.series, steps, values)
+
+    def points(self, steps, values: dict) -> None:
+        self._send(self.sink.points, steps, values)

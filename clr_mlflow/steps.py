@@ -77,6 +77,13 @@ class CrossEntropy:
         self.seen += len(y)
         return F.cross_entropy(out, y)
 
+    def state_dict(self) -> dict:
+        """The hits counted since the last take_accuracy (a checkpoint mid-epoch keeps them)."""
+        return {"correct": self.correct, "seen": self.seen}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.correct, self.seen = state["correct"], state["seen"]
+
     def take_accuracy(self) -> float | None:
         """Accuracy since the last call (one host sync), or None if nothing was seen."""
         correct, seen = self.correct, self.seen
@@ -110,6 +117,22 @@ class Stepper:
                  amp: torch.dtype | None = None):
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
         self.device, self.accumulate, self.scaler, self.amp = device, accumulate, scaler, amp
+
+    def state_dict(self) -> dict:
+        """What the steps change: weights, optimizer state, a GradScaler's scale and a loss's
+        own counters (CrossEntropy's hits)."""
+        loss_state = getattr(self.loss_fn, "state_dict", None)
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "loss_fn": loss_state() if loss_state else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and state["scaler"] is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        if state["loss_fn"] is not None:
+            self.loss_fn.load_state_dict(state["loss_fn"])
 
     def step(self, micro_batches: Sequence[Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor], bool]:
         """(mean loss, mean of each named term, skipped): `skipped` is True when the

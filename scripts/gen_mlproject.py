@@ -25,6 +25,14 @@ EXTRA = f"""  compare:
       target_accuracy: {{type: float, default: 0}}
       log_run: {{type: string, default: true}}
     command: "{PROGRAM} compare --experiment {{experiment}} --target-accuracy {{target_accuracy}} --log-run {{log_run}}"
+  resume:
+    parameters:
+      run_id: string
+    command: "{PROGRAM} resume {{run_id}}"
+  sync:
+    parameters:
+      path: {{type: string, default: clr_mlflow_spool}}
+    command: "{PROGRAM} sync {{path}}"
 """
 
 

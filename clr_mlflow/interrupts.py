@@ -1,0 +1,66 @@
+"""Holding SIGINT / SIGTERM until the training loop reaches a point where its state is whole.
+
+A signal raises KeyboardInterrupt wherever Python happens to be: between the optimizer's
+step and the scheduler's, say. A checkpoint taken there would resume one iteration off.
+Inside `held_signals()` a signal is only recorded; the loop calls `deliver()` at the end of
+an iteration (after it has drained and checkpointed), which hands the signal to the handler
+that was installed before (the CLI's: the run ends KILLED, exit 130 / 143). A second signal
+while one is held exits at once, as a second Ctrl-C should.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+from collections.abc import Iterator
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class HeldSignal:
+    def __init__(self, previous: dict):
+        self.previous = previous
+        self.signum: int | None = None
+
+    @property
+    def pending(self) -> bool:
+        return self.signum is not None
+
+    def hold(self, signum, frame) -> None:
+        if self.signum is not None:
+            os._exit(128 + signum)
+        self.signum = signum
+
+    def deliver(self) -> None:
+        """Hand the held signal to the handler installed before: the CLI's raises
+        KeyboardInterrupt and remembers which signal it was; any other (Python's default
+        for SIGINT, the default for SIGTERM) becomes a KeyboardInterrupt here."""
+        signum, self.signum = self.signum, None
+        if signum is None:
+            return
+        for s, h in self.previous.items():  # a second signal from here on goes to that handler
+            signal.signal(s, h)
+        handler = self.previous.get(signum)
+        if callable(handler):
+            handler(signum, None)
+        raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def held_signals() -> Iterator[HeldSignal]:
+    """SIGINT and SIGTERM recorded, not raised, inside the block (main thread only: elsewhere,
+    e.g. a Ray Tune trial's thread, signals cannot be handled and nothing is held)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield HeldSignal({})
+        return
+    held = HeldSignal({s: signal.getsignal(s) for s in SIGNALS})
+    for s in SIGNALS:
+        signal.signal(s, held.hold)
+    try:
+        yield held
+    finally:
+        for s, h in held.previous.items():
+            signal.signal(s, h)
+        if held.pending:  # arrived after the loop's last check: raise it now
+            held.deliver()
