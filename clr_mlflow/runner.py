@@ -213,7 +213,7 @@ def _train_phase(cfg: Config, stepper: Stepper, model, loaders: Loaders, out: Ou
     with logger as sink, tempfile.TemporaryDirectory(prefix="clr_mlflow-") as workdir:
         if resume is not None:
             sink = After(sink, resume.logged)
-        save = _checkpointer(out.run_id, out.bounds, Path(workdir)) if out.run_id else None
+        save = checkpoint_writer(out.run_id, out.bounds, Path(workdir)) if out.run_id else None
         result = train(stepper, scheduler, loaders.train, total, val_loader=loaders.val, evaluator=evaluator,
                        beta=cfg.beta, sink=sink, progress=out.run_id is not None, on_epoch=on_epoch,
                        checkpoint_every=cfg.checkpoint_every, on_checkpoint=save,
@@ -243,7 +243,7 @@ def _train_phase(cfg: Config, stepper: Stepper, model, loaders: Loaders, out: Ou
 CHECKPOINTED: set[str] = set()  # runs this process wrote a checkpoint for (the CLI says how to resume them)
 
 
-def _checkpointer(run_id: str, bounds: tuple, workdir: Path) -> Callable[[dict], None]:
+def checkpoint_writer(run_id: str, bounds: tuple, workdir: Path) -> Callable[[dict], None]:
     """The loop's on_checkpoint: the state and the bounds, saved whole, as the run's artifact."""
     def save(state: dict) -> None:
         path = checkpoint.save(state | {"bounds": list(bounds)}, workdir / checkpoint.FILE)

@@ -484,6 +484,34 @@ def write(rows, out: Path, command: str):
     print(text)
 
 
+def bench_checkpoint(ds, store, repeats):
+    """Row 8: what the default checkpoint (every epoch end: torch.save through a renamed
+    temporary file, then copied into the run's artifacts) costs a CPU training."""
+    from clr_mlflow.runner import checkpoint_writer
+
+    mean, std = channel_stats(ds.train)
+    held = Batches(ds.test, 500, CPU, mean, std, False, 0, shuffle=False)
+    run = store.mlflow.start_run()
+    iters = 2 * (len(ds.train) // 128)
+
+    def loop(every):
+        seed_everything(0)
+        model = build_model("small_cnn", 10)
+        opt = make_optimizer(model, "sgd", 0.01, 0.9, True, 5e-4)
+        sched = ScheduleLR(opt, make_schedule("triangular", 0.002, 0.02, max(1, iters // 4), iters))
+        stepper = Stepper(model, opt, CrossEntropy(), CPU)
+        with tempfile.TemporaryDirectory() as tmp:
+            save = checkpoint_writer(run.info.run_id, (0.002, 0.02, "given"), Path(tmp))
+            train(stepper, sched, Batches(ds.train, 128, CPU, mean, std, True, 0), iters, val_loader=held,
+                  evaluator=classification_eval(CPU), progress=False, checkpoint_every=every, on_checkpoint=save)
+
+    t_on, t_off = alternate(lambda: loop(-1), lambda: loop(0), repeats)
+    store.mlflow.end_run()
+    return [(f"8. Checkpoint cost: small CNN, batch 128, {iters} iterations (2 epochs), a checkpoint at every epoch "
+             "end (the default) vs checkpoint_every=0", f"{t_on:.3f} s vs {t_off:.3f} s", f"ratio {t_on / t_off:.3f}",
+             "<= 1.02", t_on / t_off <= 1.02)]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
@@ -493,17 +521,17 @@ def main():
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "cifar10"))
     parser.add_argument("--out", default=str(REPO / "docs" / "BENCHMARKS.md"))
     parser.add_argument("--only", default="", help="comma-separated groups: 1, 2, 3, 4, c, 6 (HTTP store), "
-                        "7 (batched seeds) (CPU); 4g, 5 (CUDA)")
+                        "7 (batched seeds), 8 (checkpoints) (CPU); 4g, 5 (CUDA)")
     args = parser.parse_args()
     data_path = args.data if args.data == "cifar10" else str(Path(args.data).resolve())
     cuda = torch.cuda.is_available()
-    cpu_rows = {"1", "2", "3", "4", "c", "6", "7"}
+    cpu_rows = {"1", "2", "3", "4", "c", "6", "7", "8"}
     only = set(args.only.split(",")) if args.only else cpu_rows | ({"4g", "5"} if cuda else set())
     if only & {"4g", "5"} and not cuda:
         sys.exit("rows 4g and 5 need a CUDA GPU (scripts/gpu_bench.sh runs them on one)")
     if cuda:
         use_fast_kernels(CUDA)  # as clr-mlflow does on CUDA
-    ds = data.load(data_path, REPO / "data", limit_train=5000, limit_test=500) if only & {"1", "3", "4"} else None
+    ds = data.load(data_path, REPO / "data", limit_train=5000, limit_test=500) if only & {"1", "3", "4", "8"} else None
     full = data.load(data_path, REPO / "data") if only & {"4g", "5"} else None
     store = Store()
     rows = []
@@ -516,7 +544,8 @@ def main():
                      + bench_gpu_fast(data_path, REPO / "data", args.seeds, config_overrides(args.fast))),
                     ("c", lambda: bench_compare_read(store)),
                     ("6", lambda: bench_store_rows(args.repeats)),
-                    ("7", lambda: bench_seeds_rows(args.repeats))):
+                    ("7", lambda: bench_seeds_rows(args.repeats)),
+                    ("8", lambda: bench_checkpoint(ds, store, args.repeats))):
         if key in only:
             rows += fn()
             print(rows[-1], flush=True)
