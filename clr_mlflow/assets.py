@@ -1,5 +1,7 @@
 """What a run shows in MLflow beyond its metrics (tracking layer, writing): the trained
-network as a Logged Model, the datasets it saw as run inputs, and a description."""
+network as a Logged Model, the datasets it saw as run inputs, and a description. Each
+goes through delivery.deliver, so an outage of the store spools it: the model is saved
+locally then (mlflow.pytorch.save_model) and logged from there by `clr-mlflow sync`."""
 from __future__ import annotations
 
 import copy
@@ -12,6 +14,9 @@ from mlflow.data.code_dataset_source import CodeDatasetSource
 from mlflow.data.http_dataset_source import HTTPDatasetSource
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.data.sources import LocalArtifactDatasetSource
+
+from . import delivery, tracking
+from .delivery import Replay, replayer
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"  # what torchvision downloads
 
@@ -29,33 +34,72 @@ def log_datasets(source: str, digest: str, sizes: dict[str, int], num_classes: i
     Datasets panel shows what it learnt from. The digest is the run's `data.digest`, the
     one `reproduce` compares."""
     name = Path(source.removeprefix("plugin:")).name or source
+    run_id = mlflow.active_run().info.run_id
     for context, size in sizes.items():
-        dataset = MetaDataset(_source(source), name=f"{name}/{context}", digest=digest)
-        mlflow.log_input(dataset, context=context, tags={"size": str(size), "num_classes": str(num_classes)})
+        delivery.deliver(run_id, "inputs", {"source": source, "name": f"{name}/{context}", "digest": digest,
+                                            "context": context,
+                                            "tags": {"size": str(size), "num_classes": str(num_classes)}})
 
 
-def log_model(model: torch.nn.Module, example: torch.Tensor) -> str:
-    """The network as the run's Logged Model `model` (loads with mlflow.pytorch.load_model),
-    with a signature and input example from `example` (a few inputs). Our package's code
-    travels with it, so our own layers load where clr_mlflow is not installed."""
-    import mlflow.pytorch
+@replayer("inputs")
+def _replay_inputs(ctx: Replay, entry: dict) -> None:
+    dataset = MetaDataset(_source(entry["source"]), name=entry["name"], digest=entry["digest"])
+    with delivery.as_active_run(ctx.run_id):  # the store keeps one input per dataset and run: no duplicate
+        mlflow.log_input(dataset, context=entry["context"], tags=entry["tags"])
+
+
+def _model_args(cpu_model: torch.nn.Module, x: torch.Tensor) -> dict:
+    """log_model's and save_model's arguments besides the model: a signature and input
+    example from `x` (a few inputs). Our package's code travels with the model, so our own
+    layers load where clr_mlflow is not installed."""
     from mlflow.models import infer_signature
 
-    # A CPU copy in eval mode: the caller's model keeps its device and mode.
-    cpu_model = copy.deepcopy(model).cpu().eval()
-    x = example.detach().float().cpu().contiguous()
     with torch.no_grad():
         out = cpu_model(x)
-    info = mlflow.pytorch.log_model(
-        cpu_model, name="model", signature=infer_signature(x.numpy(), out.numpy()),
-        input_example=x.numpy().astype(np.float32),
+    return dict(
+        signature=infer_signature(x.numpy(), out.numpy()), input_example=x.numpy().astype(np.float32),
         serialization_format="pickle",  # loads back as the nn.Module (pt2 gives an exported graph)
         # Naming the requirements skips MLflow's import tracing, which costs seconds.
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"],
         code_paths=[str(Path(__file__).parent)])
-    return info.model_uri
+
+
+def log_model(model: torch.nn.Module, example: torch.Tensor) -> str | None:
+    """The network as the run's Logged Model `model` (loads with mlflow.pytorch.load_model);
+    its URI, or None when the store is away (saved in the run's spool then)."""
+    import mlflow.pytorch
+
+    # A CPU copy in eval mode: the caller's model keeps its device and mode.
+    cpu_model = copy.deepcopy(model).cpu().eval()
+    x = example.detach().float().cpu().contiguous()
+    args, logged = _model_args(cpu_model, x), []
+
+    def stage(folder: Path) -> None:
+        mlflow.pytorch.save_model(cpu_model, str(folder / "model"), **args)
+        np.save(folder / "example.npy", x.numpy())
+
+    delivery.deliver(mlflow.active_run().info.run_id, "model", {}, stage=stage,
+                     send=lambda: logged.append(mlflow.pytorch.log_model(cpu_model, name="model", **args)))
+    return logged[0].model_uri if logged else None
+
+
+@replayer("model")
+def _replay_model(ctx: Replay, entry: dict) -> None:
+    import mlflow.pytorch
+
+    outputs = ctx.client.get_run(ctx.run_id).outputs
+    for output in (outputs.model_outputs if outputs else None) or []:  # a second sync logs no second model
+        logged = ctx.client.get_logged_model(output.model_id)
+        if logged.name == "model" and str(logged.status).endswith("READY"):
+            return
+    folder = ctx.folder(entry)
+    cpu_model = mlflow.pytorch.load_model(str(folder / "model"))  # our own file, written by stage()
+    x = torch.from_numpy(np.load(folder / "example.npy"))
+    with delivery.as_active_run(ctx.run_id):
+        mlflow.pytorch.log_model(cpu_model, name="model", **_model_args(cpu_model, x))
+    ctx.artifacts += 1
 
 
 def describe_run(lines: list[str]) -> None:
     """The run's description (the `mlflow.note.content` tag the UI shows on the run page)."""
-    mlflow.set_tag("mlflow.note.content", "\n".join(lines))
+    tracking.set_tags({"mlflow.note.content": "\n".join(lines)})

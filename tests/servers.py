@@ -4,7 +4,9 @@
 `postgres` user (when we are root; as ourselves otherwise), listening only on 127.0.0.1 on
 a free port with its unix socket in that directory, and creates one database.
 `MlflowServer` runs `mlflow server --backend-store-uri postgresql://... --serve-artifacts`
-in its own process group on another free loopback port and waits for `/health`.
+(or any backend URI, e.g. a SQLite file) in its own process group on another free loopback
+port and waits for `/health`; `crash()` SIGKILLs it and `restart()` brings it back on the
+same port with the same stores (tests/test_outages.py).
 Both are context managers that stop their process and remove their directory on exit.
 The pytest fixtures `pg_server` and `mlflow_server` (session-scoped) wrap them.
 """
@@ -207,28 +209,52 @@ class MlflowServer(_TempService):
     def start(self) -> "MlflowServer":
         self.root = Path(tempfile.mkdtemp(prefix="clr_mlflow_server_"))
         (self.root / "artifacts").mkdir()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-        mlflow_cli = Path(sys.executable).with_name("mlflow")
         for _attempt in range(3):
             self.port = free_port()
-            cmd = [str(mlflow_cli) if mlflow_cli.exists() else "mlflow", "server",
-                   "--backend-store-uri", self.backend_uri,
-                   "--artifacts-destination", str(self.root / "artifacts"), "--serve-artifacts",
-                   "--host", LOOPBACK, "--port", str(self.port), "--workers", str(self.workers)]
-            with open(self.log, "ab") as log:
-                self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=self.root, env=env,
-                                             start_new_session=True)
-            deadline = time.monotonic() + self.start_timeout
-            while time.monotonic() < deadline and self.proc.poll() is None and not self._healthy():
-                time.sleep(0.5)
-            if self.proc.poll() is None and self._healthy():
+            if self._launch():
                 return self
-            exited = self.proc.poll() is not None
-            self._kill()
-            if not exited or "address already in use" not in _tail(self.log).lower():
-                why = "exited" if exited else f"did not answer /health within {self.start_timeout:.0f}s"
-                raise RuntimeError(f"mlflow server on {self.backend_uri} {why}:\n{_tail(self.log, 6000)}")
         raise RuntimeError(f"mlflow server could not bind a free port:\n{_tail(self.log, 6000)}")
+
+    def _launch(self) -> bool:
+        """Start the server on `self.port`: True once it answers /health, False when the
+        port was taken; raises when it fails otherwise."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+        mlflow_cli = Path(sys.executable).with_name("mlflow")
+        cmd = [str(mlflow_cli) if mlflow_cli.exists() else "mlflow", "server",
+               "--backend-store-uri", self.backend_uri,
+               "--artifacts-destination", str(self.root / "artifacts"), "--serve-artifacts",
+               "--host", LOOPBACK, "--port", str(self.port), "--workers", str(self.workers)]
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=self.root, env=env,
+                                         start_new_session=True)
+        deadline = time.monotonic() + self.start_timeout
+        while time.monotonic() < deadline and self.proc.poll() is None and not self._healthy():
+            time.sleep(0.5)
+        if self.proc.poll() is None and self._healthy():
+            return True
+        exited = self.proc.poll() is not None
+        self._kill()
+        if not exited or "address already in use" not in _tail(self.log).lower():
+            why = "exited" if exited else f"did not answer /health within {self.start_timeout:.0f}s"
+            raise RuntimeError(f"mlflow server on {self.backend_uri} {why}:\n{_tail(self.log, 6000)}")
+        return False
+
+    def crash(self) -> None:
+        """SIGKILL the server and its workers, as a machine or an OOM killer would: no
+        goodbye to its clients. Its stores stay for `restart`."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=30)
+        self.proc = None
+
+    def restart(self, timeout: float = 60.0) -> None:
+        """The same server again: same port, backend store and artifacts (the port is free
+        again, but a closing socket may hold it for a moment)."""
+        deadline = time.monotonic() + timeout
+        while not self._launch():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"port {self.port} stayed taken:\n{_tail(self.log, 6000)}")
+            time.sleep(1)
 
     def _kill(self) -> None:
         if self.proc is None:
