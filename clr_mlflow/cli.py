@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import signal
 import sys
@@ -18,6 +19,13 @@ CLICK_TYPES = {int: click.INT, float: click.FLOAT, bool: click.BOOL, str: click.
 
 def option_name(name: str) -> str:
     return "--" + name.replace("_", "-")
+
+
+def _finite(ctx, param, value):
+    """click's FloatRange lets NaN through (every comparison with NaN is false)."""
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"Expected a finite number, but got {value!r}")
+    return value
 
 
 def _with_config_options(phases: tuple[str, ...]):
@@ -77,10 +85,15 @@ def guarded():
             click.echo(f"Error: {e}", err=True)
             sys.exit(1)
         except KeyboardInterrupt:
+            from .runner import CHECKPOINTED
+
             signum = received[0] if received else signal.SIGINT
             run = tracking.last_run_id()
+            kept = "in MLflow" if run is None or tracking.undelivered(run) is None else "kept (see the spool line above)"
             click.echo(f"Interrupted by {signal.Signals(signum).name}: run {run or '-'} is marked KILLED; every "
-                       "value measured until now is in MLflow", err=True)
+                       f"value measured until now is {kept}", err=True)
+            if run in CHECKPOINTED:
+                click.echo(f"continue it with: clr-mlflow resume {run}", err=True)
             sys.exit(128 + signum)
 
 
@@ -119,7 +132,11 @@ def where_lines(run_id: str) -> list[str]:
 
 
 def _echo_where(run_id: str | None) -> None:
-    if run_id:
+    """Where to look at the run; nothing when the store did not take all of it (it may be
+    away: the line about the spool, printed when the run ended, says what to do)."""
+    from . import tracking
+
+    if run_id and tracking.undelivered(run_id) is None:
         for line in where_lines(run_id):
             click.echo(line)
 
@@ -154,7 +171,7 @@ def run_cmd(**kwargs) -> None:
 
 @main.command("compare")
 @click.option("--experiment", default="clr_mlflow", show_default=True, help="MLflow experiment whose runs to compare")
-@click.option("--target-accuracy", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+@click.option("--target-accuracy", type=click.FloatRange(0, 1), default=0.0, show_default=True, callback=_finite,
               help="validation accuracy for the iterations-to-target column (0 = the fixed run's final one)")
 @click.option("--log-run", type=click.BOOL, default=True, show_default=True,
               help="log the leaderboard and plots into a comparison run of the experiment")
@@ -205,6 +222,33 @@ def reproduce_cmd(run_id: str) -> None:
     click.echo(f"reproduction: run {rep.outcome.run_id} (tag clr_mlflow.reproduces={run_id})")
 
 
+@main.command("resume")
+@click.argument("run_id")
+def resume_cmd(run_id: str) -> None:
+    """Continue an interrupted training in the same run, from its checkpoint
+    (train/checkpoint.pt): the series go on at the next step, and it ends FINISHED."""
+    from .resume import resume
+
+    with guarded():
+        outcome = resume(run_id)
+    _echo_where(outcome.run_id)
+    click.echo(outcome.summary())
+
+
+@main.command("sync")
+@click.argument("path", type=click.Path(exists=True))
+def sync_cmd(path: str) -> None:
+    """Send what a run could not deliver to its tracking store (a spool folder, or the spool
+    root for every run in it): metrics, artifacts, the model and the run's end status."""
+    from . import spool
+
+    try:
+        click.echo(spool.sync(path))
+    except spool.SyncError as e:
+        click.echo(f"Error: {e}", err=True)
+        sys.exit(1)
+
+
 @main.command("sweep")
 @click.option("--policies", default=",".join(POLICIES), show_default=True,
               help="policies to train, comma-separated")
@@ -215,8 +259,9 @@ def reproduce_cmd(run_id: str) -> None:
 @click.option("--grid", multiple=True, metavar="KEY=V1,V2",
               help="values of any other parameter, repeatable (or joined by ';'): every combination runs")
 @click.option("--ray-address", default="", help="Ray cluster to run on (default: a local Ray started here)")
-@click.option("--cpus-per-trial", type=click.FloatRange(0, min_open=True), default=1.0, show_default=True)
-@click.option("--gpus-per-trial", type=click.FloatRange(0), default=0.0, show_default=True)
+@click.option("--cpus-per-trial", type=click.FloatRange(0, min_open=True), default=1.0, show_default=True,
+              callback=_finite)
+@click.option("--gpus-per-trial", type=click.FloatRange(0), default=0.0, show_default=True, callback=_finite)
 @click.option("--max-concurrent", type=click.IntRange(0), default=0, show_default=True,
               help="trials at once (0: as many as the resources allow)")
 @click.option("--early-stop/--no-early-stop", default=False, show_default=True,
@@ -257,6 +302,9 @@ sweep_cmd.params = [p for p in sweep_cmd.params if p.name not in ("policy", "bou
 def run_cli(prog_name: str = "clr-mlflow") -> None:
     """The console script: `main`, with a usage error (a bad option value, an unknown option)
     also deleting the run `mlflow run` made for it: a rejected input is not a result."""
+    from . import tracking
+
+    tracking.bounded_http_retries()  # one call to a store that went away fails in seconds, not minutes
     try:
         code = main.main(prog_name=prog_name, standalone_mode=False)
     except click.ClickException as e:

@@ -2,9 +2,10 @@
 the checkpoint it left (train/checkpoint.pt), with the run's own params."""
 from __future__ import annotations
 
+import os
 import tempfile
 
-from . import checkpoint, history
+from . import checkpoint, history, tracking
 from .config import ConfigError
 from .review import MLFLOW_RUN_TAG, config_of_run, run_command
 from .runner import Outcome, Resumption, execute
@@ -34,6 +35,11 @@ def resume(run_id: str) -> Outcome:
             state = checkpoint.load(path)
         except checkpoint.CheckpointError as e:
             raise ConfigError(str(e)) from None
+    made = os.environ.get("MLFLOW_RUN_ID")
+    if made and made != run_id:  # `mlflow run -e resume` made a run for this command: it holds no result
+        tracking.set_tags({"clr_mlflow.kind": "resume", "clr_mlflow.resumes": run_id,
+                           "mlflow.note.content": f"`resume` of run {run_id}: its metrics and model are there."},
+                          run_id=made)
     cfg = config_of_run(run.params, run.experiment, shell_quoted=MLFLOW_RUN_TAG in run.tags, run_name=run.name)
     logged = {key: history.last_step(run_id, key) for key in run.metrics if key.startswith(("train/", "val/"))}
     return execute(cfg, command, resume=Resumption(run_id, state, logged))
