@@ -8,8 +8,10 @@ import time
 from pathlib import Path
 
 import mlflow
+import mlflow.pytorch
 import numpy as np
 import pytest
+import torch
 from mlflow import MlflowClient
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,27 +44,74 @@ def wait_for_training(proc, experiment, timeout=300):
     raise AssertionError("training never started")
 
 
+RESUMABLE = ["run", "--limit-train", "400", "--limit-test", "64", "--batch-size", "32", "--num-iters", "60",
+             "--lr-start", "1e-4", "--bounds-rule", "loss_edge", "--policy", "triangular2", "--step-size", "100",
+             "--iterations", "1500", "--device", "cpu", "--system-metrics", "false"]
+
+
+def history(run_id, key):
+    return [(m.step, m.value) for m in sorted(MlflowClient().get_metric_history(run_id, key), key=lambda m: m.step)]
+
+
 @pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_a_signal_mid_training_ends_the_run_killed_with_every_iteration_kept(store_env, cifar, data_dir, signum,
-                                                                            code):
-    args = ["run", "--data", str(cifar), "--data-dir", str(data_dir), "--limit-train", "400", "--limit-test", "64",
-            "--batch-size", "32", "--num-iters", "60", "--lr-start", "1e-4", "--bounds-rule", "loss_edge",
-            "--policy", "triangular", "--step-size", "500",
-            "--cycles", "5", "--device", "cpu", "--experiment", f"sig{signum}", "--system-metrics", "false"]
-    proc = subprocess.Popen([CLR_MLFLOW, *args], env=store_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    run_id = wait_for_training(proc, f"sig{signum}")
+def test_a_signal_mid_training_ends_the_run_killed_and_resume_ends_it_as_if_never_stopped(store_env, cifar, data_dir,
+                                                                                         signum, code):
+    args = [*RESUMABLE, "--data", str(cifar), "--data-dir", str(data_dir)]
+    # One torch thread each: two processes of two threads on two cores crawl (OpenMP spins).
+    env = dict(store_env, OMP_NUM_THREADS="1")
+    popen = dict(env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    reference = subprocess.Popen([CLR_MLFLOW, *args, "--experiment", "whole"], **popen)
+    proc = subprocess.Popen([CLR_MLFLOW, *args, "--experiment", "cut"], **popen)
+    run_id = wait_for_training(proc, "cut")
     proc.send_signal(signum)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == code, err[-2000:]
     assert f"Interrupted by {signal.Signals(signum).name}: run {run_id} is marked KILLED" in err
+    assert f"continue it with: clr-mlflow resume {run_id}" in err
     run = MlflowClient().get_run(run_id)
     assert run.info.status == "KILLED"
     n = run.data.metrics["range_test/iterations"]
     assert steps_of(run_id, "range_test/lr") == list(range(int(n)))  # the finished range test, whole
     trained = steps_of(run_id, "train/lr")
-    assert len(trained) > 0 and trained == list(range(len(trained)))  # every iteration done, no gap
+    assert 0 < len(trained) < 1500 and trained == list(range(len(trained)))  # every iteration done, no gap
     assert steps_of(run_id, "train/loss") == trained
+    assert [a.path for a in MlflowClient().list_artifacts(run_id, "train")] == ["train/checkpoint.pt"]
+
+    res = subprocess.run([CLR_MLFLOW, "resume", run_id], capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip().splitlines()[-1].startswith(f"run {run_id} |")
+    assert reference.wait(timeout=600) == 0, reference.communicate()[1][-2000:]
+    whole = mlflow.search_runs(experiment_names=["whole"])["run_id"][0]
+    resumed = MlflowClient().get_run(run_id)
+    assert resumed.info.status == "FINISHED"
+    assert steps_of(run_id, "train/lr") == list(range(1500))  # each step once
+    for key in ("train/lr", "train/loss", "train/smoothed_loss", "val/accuracy", "val/loss", "train/epoch_accuracy"):
+        assert history(run_id, key) == history(whole, key), key  # bit for bit on the CPU
+    finals = MlflowClient().get_run(whole).data.metrics
+    for key in ("test/accuracy", "test/loss", "val/best_accuracy", "train/loss"):
+        assert resumed.data.metrics[key] == finals[key], key
+    a = mlflow.pytorch.load_model(f"runs:/{run_id}/model").state_dict()
+    b = mlflow.pytorch.load_model(f"runs:/{whole}/model").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+def test_resume_refuses_a_finished_run_and_a_run_without_checkpoint_in_one_line(store_env):
+    client = MlflowClient()
+    exp = client.create_experiment("refused")
+    finished = client.create_run(exp, tags={"clr_mlflow.command": "train"})
+    client.set_terminated(finished.info.run_id, "FINISHED")
+    bare = client.create_run(exp, tags={"clr_mlflow.command": "train"})
+    client.set_terminated(bare.info.run_id, "KILLED")
+    tested = client.create_run(exp, tags={"clr_mlflow.command": "range-test"})
+    for run_id, needle in ((finished.info.run_id, "is FINISHED: nothing to resume"),
+                           (bare.info.run_id, "to have a checkpoint (train/checkpoint.pt), but it has none"),
+                           (tested.info.run_id, "to name a training run of clr_mlflow"),
+                           ("0" * 32, "to name an existing run")):
+        res = subprocess.run([CLR_MLFLOW, "resume", run_id], capture_output=True, text=True, env=store_env,
+                             timeout=300)
+        last = res.stderr.strip().splitlines()[-1]
+        assert res.returncode == 2 and last.startswith("Error: Expected") and needle in last, res.stderr[-1500:]
+    assert client.get_run(bare.info.run_id).info.status == "KILLED"  # refused before the run was touched
 
 
 @pytest.mark.parametrize("param,needle", [
@@ -114,18 +163,24 @@ def test_six_processes_on_a_fresh_sqlite_file_all_finish(tmp_path, cifar, data_d
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["--num-iters", "1000000000000"], "Expected num_iters <= 10,000,000"),
-    (["--lr-end", "inf"], "Expected finite lr_end"),
-    (["--lr-end", "1e300"], "Expected lr_end <= 1,000,000"),
-    (["--bounds-divisor", "inf"], "Expected finite bounds_divisor"),
-    (["--diverge", "nan"], "Expected finite diverge"),
-    (["--experiment", ""], "non-empty name for experiment"),
+    (["range-test", "--num-iters", "1000000000000"], "Expected num_iters <= 10,000,000"),
+    (["range-test", "--lr-end", "inf"], "Expected finite lr_end"),
+    (["range-test", "--lr-end", "1e300"], "Expected lr_end <= 1,000,000"),
+    (["range-test", "--bounds-divisor", "inf"], "Expected finite bounds_divisor"),
+    (["range-test", "--diverge", "nan"], "Expected finite diverge"),
+    (["range-test", "--experiment", ""], "non-empty name for experiment"),
+    (["train", "--base-lr", "0.01", "--max-lr", "0.1", "--iterations", "1000000000000"],
+     "Expected iterations <= 1,000,000,000"),
+    (["train", "--base-lr", "0.01", "--max-lr", "0.1", "--step-epochs", "inf"], "Expected finite step_epochs"),
+    (["train", "--base-lr", "0.01", "--max-lr", "0.1", "--step-epochs", "1e300"], "Expected step_epochs <= 1,000,000"),
+    (["train", "--base-lr", "0.01", "--max-lr", "0.1", "--checkpoint-every", "-2"], "checkpoint_every"),
+    (["compare", "--target-accuracy", "nan"], "target-accuracy"),
 ])
 def test_absurd_numbers_and_names_are_one_line_before_any_run(store_env, tmp_path, args, needle):
-    res = subprocess.run([CLR_MLFLOW, "range-test", "--data-dir", str(tmp_path), *args], capture_output=True,
-                         text=True, env=store_env, timeout=300)
+    data_dir = [] if args[0] == "compare" else ["--data-dir", str(tmp_path)]
+    res = subprocess.run([CLR_MLFLOW, *args, *data_dir], capture_output=True, text=True, env=store_env, timeout=300)
     last = res.stderr.strip().splitlines()[-1]
-    assert res.returncode == 2 and last.startswith("Error: Expected") and needle in last
+    assert res.returncode == 2 and "Error:" in last and needle in last, res.stderr[-1500:]
     assert mlflow.search_runs(search_all_experiments=True).empty
 
 
@@ -141,3 +196,23 @@ def test_a_deleted_experiment_or_a_silent_server_is_one_line_within_seconds(stor
                          env=silent, timeout=300)
     assert res.returncode == 2 and "did not answer within 10 s" in res.stderr.strip().splitlines()[-1]
     assert time.time() - started < 60
+
+
+def cifar10_server_reachable() -> bool:
+    import socket
+
+    try:
+        socket.create_connection(("www.cs.toronto.edu", 443), timeout=3).close()
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(cifar10_server_reachable(), reason="online: torchvision would download CIFAR-10")
+def test_cifar10_offline_is_one_line_before_any_run(store_env, tmp_path):
+    res = subprocess.run([CLR_MLFLOW, "range-test", "--data", "cifar10", "--data-dir", str(tmp_path)],
+                         capture_output=True, text=True, env=store_env, timeout=300)
+    last = res.stderr.strip().splitlines()[-1]
+    assert res.returncode == 2 and last.startswith("Error: Expected data=cifar10 to download"), res.stderr[-1500:]
+    assert "Traceback" not in res.stderr
+    assert mlflow.search_runs(search_all_experiments=True).empty
