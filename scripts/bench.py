@@ -417,7 +417,7 @@ def bench_compare_read(store):
              "logged", f"read {result.read_seconds:.2f} s, total {total:.2f} s", "", "quick", None)]
 
 
-ROW_ORDER = ("1a", "1b", "1c", "2", "2b", "3", "3b", "3c", "6", "6b", "7a", "7b", "7c", "7d", "4", "4g", "5a", "5b",
+ROW_ORDER = ("1a", "1b", "1c", "2", "2b", "3", "3b", "3c", "6", "6b", "7a", "7b", "7c", "7d", "8", "4", "4g", "5a", "5b",
              "5c", "5d", "c")
 GPU_ROWS = {  # shown until a CUDA machine measures them
     "4g": ("4g. Data pipeline on CUDA vs the PIL loader per core", ">= 50x per core"),
