@@ -46,11 +46,12 @@ def quiet_downloads():
 def is_comparison(runs: pd.DataFrame) -> pd.Series:
     """Rows of mlflow.search_runs output that are not results of their own: comparison runs
     (tagged clr_mlflow.kind=compare, or made by `mlflow run -e compare`, tagged by MLflow
-    before our code could tag them) and the empty runs `mlflow run -e resume` makes."""
+    before our code could tag them) and the empty runs `mlflow run -e resume` / `-e sync`
+    make (the results go to the run resumed or synced)."""
     out = pd.Series(False, index=runs.index)
     for column in ("tags.clr_mlflow.kind", "tags.mlflow.project.entryPoint"):
         if column in runs:
-            out |= runs[column].fillna("").isin(("compare", "resume"))
+            out |= runs[column].fillna("").isin(("compare", "resume", "sync"))
     return out
 
 
