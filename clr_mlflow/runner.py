@@ -211,9 +211,9 @@ def _train_phase(cfg: Config, stepper: Stepper, model, loaders: Loaders, out: Ou
     logger = tracking.IterationLogger(out.run_id, log_every=cfg.log_every) if out.run_id \
         else contextlib.nullcontext(NullSink())
     with logger as sink, tempfile.TemporaryDirectory(prefix="clr_mlflow-") as workdir:
+        save = checkpoint_writer(out.run_id, out.bounds, Path(workdir), sink.flush) if out.run_id else None
         if resume is not None:
             sink = After(sink, resume.logged)
-        save = checkpoint_writer(out.run_id, out.bounds, Path(workdir)) if out.run_id else None
         result = train(stepper, scheduler, loaders.train, total, val_loader=loaders.val, evaluator=evaluator,
                        beta=cfg.beta, sink=sink, progress=out.run_id is not None, on_epoch=on_epoch,
                        checkpoint_every=cfg.checkpoint_every, on_checkpoint=save,
@@ -243,9 +243,13 @@ def _train_phase(cfg: Config, stepper: Stepper, model, loaders: Loaders, out: Ou
 CHECKPOINTED: set[str] = set()  # runs this process wrote a checkpoint for (the CLI says how to resume them)
 
 
-def checkpoint_writer(run_id: str, bounds: tuple, workdir: Path) -> Callable[[dict], None]:
-    """The loop's on_checkpoint: the state and the bounds, saved whole, as the run's artifact."""
+def checkpoint_writer(run_id: str, bounds: tuple, workdir: Path,
+                      flush_series: Callable[[], None]) -> Callable[[dict], None]:
+    """The loop's on_checkpoint: the state and the bounds, saved whole, as the run's artifact.
+    The series up to the checkpoint go to the spool first (`flush_series`): a process killed
+    after the checkpoint must not lose steps a resume will not run again."""
     def save(state: dict) -> None:
+        flush_series()
         path = checkpoint.save(state | {"bounds": list(bounds)}, workdir / checkpoint.FILE)
         tracking.log_artifact_file(path, checkpoint.ARTIFACT_DIR)
         CHECKPOINTED.add(run_id)

@@ -501,7 +501,7 @@ def bench_checkpoint(ds, store, repeats):
         sched = ScheduleLR(opt, make_schedule("triangular", 0.002, 0.02, max(1, iters // 4), iters))
         stepper = Stepper(model, opt, CrossEntropy(), CPU)
         with tempfile.TemporaryDirectory() as tmp:
-            save = checkpoint_writer(run.info.run_id, (0.002, 0.02, "given"), Path(tmp))
+            save = checkpoint_writer(run.info.run_id, (0.002, 0.02, "given"), Path(tmp), lambda: None)
             train(stepper, sched, Batches(ds.train, 128, CPU, mean, std, True, 0), iters, val_loader=held,
                   evaluator=classification_eval(CPU), progress=False, checkpoint_every=every, on_checkpoint=save)
 

@@ -95,6 +95,30 @@ def test_a_signal_mid_training_ends_the_run_killed_and_resume_ends_it_as_if_neve
     assert all(torch.equal(a[k], b[k]) for k in b)
 
 
+def test_sigkill_after_a_checkpoint_then_resume_leaves_no_step_missing_or_twice(store_env, cifar, data_dir):
+    """The hard case: killed between a checkpoint and the next buffer flush, the process can
+    only leave the spool; resume sends it, then trains on from the checkpoint."""
+    args = ["train", "--data", str(cifar), "--data-dir", str(data_dir), "--limit-train", "400", "--limit-test", "64",
+            "--batch-size", "32", "--base-lr", "0.01", "--max-lr", "0.1", "--iterations", "1500", "--step-size", "100",
+            "--checkpoint-every", "50", "--device", "cpu", "--system-metrics", "false", "--save-model", "false",
+            "--experiment", "sigkill"]
+    proc = subprocess.Popen([CLR_MLFLOW, *args], env=store_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    run_id = wait_for_training(proc, "sigkill")
+    time.sleep(1.5)  # past a checkpoint, before the buffer's next 5-s flush
+    proc.kill()
+    proc.communicate(timeout=60)
+    assert MlflowClient().get_run(run_id).info.status == "RUNNING"  # nobody could say otherwise
+    res = subprocess.run([CLR_MLFLOW, "resume", run_id], capture_output=True, text=True, env=store_env, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert f"run {run_id}: " in res.stdout  # the spool's line: sent before training went on
+    assert MlflowClient().get_run(run_id).info.status == "FINISHED"
+    for key in ("train/lr", "train/loss"):
+        assert steps_of(run_id, key) == list(range(1500)), key
+    epochs = steps_of(run_id, "val/accuracy")
+    assert len(epochs) == len(set(epochs)) == 1500 // 11 + 1
+
+
 def test_resume_refuses_a_finished_run_and_a_run_without_checkpoint_in_one_line(store_env):
     client = MlflowClient()
     exp = client.create_experiment("refused")
