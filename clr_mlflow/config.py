@@ -80,7 +80,7 @@ class Config:
     max_momentum: float = _p(0.95, "momentum at base_lr when cycle_momentum", (TRAIN,))
     anneal_frac: float = _p(0.1, "one_cycle: share of training spent annealing below base_lr", (TRAIN,))
     anneal_div: float = _p(100.0, "one_cycle: final lr = base_lr / anneal_div", (TRAIN,))
-    checkpoint_every: int = _p(-1, "write the training state to the run's train/checkpoint.pt every this many iterations, for `clr-mlflow resume` (-1: at every epoch end, 0: never); also when interrupted", (TRAIN,))
+    checkpoint_every: int = _p(-1, "write the training state to the run's train/checkpoint.pt every this many iterations, for `clr-mlflow resume` (-1: at every epoch end, 0: never); unless 0, also when interrupted", (TRAIN,))
     save_model: bool = _p(True, "log the trained network as the run's Logged Model `model` (mlflow.pytorch.load_model)", (TRAIN,))
     system_metrics: bool = _p(True, "record CPU, memory, disk, network (and GPU) use as the run's system/* metrics", (TRAIN,))
 

@@ -44,6 +44,8 @@ def is_outage(error: BaseException) -> bool:
     file): worth retrying or spooling. False when the store refused the op itself."""
     if isinstance(error, MlflowException):
         return error.error_code not in PERMANENT
+    if isinstance(error, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        return False  # a local file missing or unreadable: no waiting will cure it
     return isinstance(error, (OSError, requests.RequestException))
 
 

@@ -13,15 +13,23 @@ import contextlib
 import os
 import signal
 import threading
+import time
 from collections.abc import Iterator
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
+ECHO_SECONDS = 1.0
+
+
+def is_echo(first_at: float) -> bool:
+    """A signal arriving this soon after the first is the same request, not a second one."""
+    return time.monotonic() - first_at < ECHO_SECONDS
 
 
 class HeldSignal:
     def __init__(self, previous: dict):
         self.previous = previous
         self.signum: int | None = None
+        self.at = 0.0
 
     @property
     def pending(self) -> bool:
@@ -29,8 +37,10 @@ class HeldSignal:
 
     def hold(self, signum, frame) -> None:
         if self.signum is not None:
+            if is_echo(self.at):
+                return
             os._exit(128 + signum)
-        self.signum = signum
+        self.signum, self.at = signum, time.monotonic()
 
     def deliver(self) -> None:
         """Hand the held signal to the handler installed before: the CLI's raises

@@ -112,6 +112,9 @@ def execute(cfg: Config, command: str, tags: dict | None = None,
     if given and RANGE in phases and TRAIN in phases:
         phases = (TRAIN,)  # bounds known: no range test needed (a range-test command always tests)
     ranks, device = distributed.init(pick_device(cfg.device))
+    if resume is not None and resume.state.get("world_size", 1) != ranks.world:  # each rank's shard differs
+        raise ConfigError(f"Expected to resume run {resume.run_id} with {resume.state.get('world_size', 1)} "
+                          f"process(es) as it was trained, but got {ranks.world}")
     use_fast_kernels(device)
     loaders = load_loaders(cfg, device, (ranks.rank, ranks.world))
     seed_everything(cfg.seed)
@@ -250,7 +253,8 @@ def checkpoint_writer(run_id: str, bounds: tuple, workdir: Path,
     after the checkpoint must not lose steps a resume will not run again."""
     def save(state: dict) -> None:
         flush_series()
-        path = checkpoint.save(state | {"bounds": list(bounds)}, workdir / checkpoint.FILE)
+        world = torch.distributed.get_world_size() if distributed.active() else 1
+        path = checkpoint.save(state | {"bounds": list(bounds), "world_size": world}, workdir / checkpoint.FILE)
         tracking.log_artifact_file(path, checkpoint.ARTIFACT_DIR)
         CHECKPOINTED.add(run_id)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import errno
 import fcntl
 import json
 import mmap
@@ -44,11 +45,9 @@ def short(error: BaseException) -> str:
 
 def _absolute_uri(uri: str) -> str:
     """A relative SQLite or file store made absolute, so `sync` finds it from anywhere."""
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        return "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).absolute())
-    if "://" not in uri and ":" not in uri[:3]:
-        return str(Path(uri).absolute())
-    return uri
+    from .history import absolute_store_uri  # history imports tracking, which imports us
+
+    return absolute_store_uri(uri)
 
 
 # Metric chunks ---------------------------------------------------------------------------
@@ -126,9 +125,11 @@ class _MappedJournal:
         tail = raw[raw.rfind(b"\n") + 1:]
         if tail:  # left by a process that died: a torn line would spoil the next one
             raw = raw[:-len(tail)] if _torn(tail) else raw + b"\n"
+        if raw:  # rewritten whole, then renamed over it: a kill half way loses none of it
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_bytes(raw)
+            os.replace(tmp, path)
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        os.ftruncate(self.fd, 0)
-        os.write(self.fd, raw)
         self.end, self.size, self.map = len(raw), 0, None
         self._grow(0)
 
@@ -137,7 +138,13 @@ class _MappedJournal:
             self.map.close()
         self.size = max(1 << 20, 2 * self.size, self.end + need)
         # Blocks reserved now: a full disk is an OSError here, not a SIGBUS in the loop.
-        os.posix_fallocate(self.fd, 0, self.size)
+        # macOS has no posix_fallocate, and ZFS / some NFS refuse it: a plain resize there.
+        try:
+            os.posix_fallocate(self.fd, 0, self.size)
+        except (AttributeError, OSError) as e:
+            if isinstance(e, OSError) and e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise
+            os.ftruncate(self.fd, self.size)
         self.map = mmap.mmap(self.fd, self.size)
 
     def append(self, line: bytes) -> None:
@@ -317,14 +324,17 @@ def pending_dir(run_id: str) -> Path | None:
     return spool.dir if spool is not None and spool.pending else None
 
 
-def find(run_id: str) -> Path | None:
-    """A spool folder of `run_id` under the spool root (left by a process that died, or by
-    one whose store was away), or None."""
+def folders(run_id: str) -> list[Path]:
+    """The spool folders of `run_id` under the spool root (left by a process that died, or
+    by one whose store was away; `<run_id>.<pid>` when two processes wrote it)."""
     root = spool_root()
-    for folder in [root / run_id, *sorted(root.glob(f"{run_id}.*"))]:
-        if (folder / RUN_FILE).is_file():
-            return folder
-    return None
+    return [f for f in [root / run_id, *sorted(root.glob(f"{run_id}.*"))] if (f / RUN_FILE).is_file()]
+
+
+def find(run_id: str) -> Path | None:
+    """The first of `folders(run_id)`, or None."""
+    found = folders(run_id)
+    return found[0] if found else None
 
 
 def sync(path: str | Path, tracking_uri: str | None = None) -> str:

@@ -137,8 +137,10 @@ class IterationLogger:
     def flush(self) -> None:
         self.last_flush = time.monotonic()
         if self.pending:
+            # Journaled before the buffer lets go of it: a Ctrl-C between the two leaves it in
+            # both (replays skip points the store has), never in neither.
+            token = self.spool.append_metrics(self.pending)  # on disk before it is sent: SIGKILL-proof
             chunks, self.pending, self.pending_values = self.pending, [], 0
-            token = self.spool.append_metrics(chunks)  # on disk before it is sent: SIGKILL-proof
             self.queue.put((chunks, token))
             self.calls += 1
 
@@ -158,7 +160,7 @@ class IterationLogger:
                     self.refused = self.refused or e
                     return
                 self.spool.went_away(e)
-                self.stopped.wait(delay)  # a resent chunk is no duplicate: same timestamps, same rows
+                self.stopped.wait(delay)  # SQL stores keep one row per (key, timestamp, step, value)
                 delay = min(2 * delay, RETRY_CAP)
             else:
                 self.spool.delivered(token)

@@ -14,6 +14,8 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
+from clr_mlflow import checkpoint, spool
+
 REPO = Path(__file__).resolve().parents[1]
 CLR_MLFLOW = str(Path(sys.executable).parent / "clr-mlflow")
 
@@ -109,6 +111,11 @@ def test_sigkill_after_a_checkpoint_then_resume_leaves_no_step_missing_or_twice(
     proc.kill()
     proc.communicate(timeout=60)
     assert MlflowClient().get_run(run_id).info.status == "RUNNING"  # nobody could say otherwise
+    # Whenever the kill fell, the spool holds the series up to the last checkpoint.
+    journal = [spool.decode_metrics(e) for e in spool.read_journal(spool.find(run_id)) if e["op"] == "metrics"]
+    spooled = max(int(d["train/lr"][0].max()) for d in journal if "train/lr" in d)
+    at = checkpoint.load(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="train/checkpoint.pt"))
+    assert spooled >= at["loop"]["t"] - 1
     res = subprocess.run([CLR_MLFLOW, "resume", run_id], capture_output=True, text=True, env=store_env, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     assert f"run {run_id}: " in res.stdout  # the spool's line: sent before training went on
@@ -117,6 +124,24 @@ def test_sigkill_after_a_checkpoint_then_resume_leaves_no_step_missing_or_twice(
         assert steps_of(run_id, key) == list(range(1500)), key
     epochs = steps_of(run_id, "val/accuracy")
     assert len(epochs) == len(set(epochs)) == 1500 // 11 + 1
+
+
+def test_a_signal_repeated_at_once_is_one_stop_and_the_checkpoint_is_written(store_env, cifar, data_dir):
+    """`mlflow run` and torchrun deliver one Ctrl-C twice (the terminal's, then their own
+    SIGTERM): the repeat must not cut the checkpoint short."""
+    args = ["train", "--data", str(cifar), "--data-dir", str(data_dir), "--limit-train", "400", "--limit-test", "64",
+            "--batch-size", "32", "--base-lr", "0.01", "--max-lr", "0.1", "--iterations", "3000", "--step-size", "100",
+            "--device", "cpu", "--system-metrics", "false", "--save-model", "false", "--experiment", "twice"]
+    proc = subprocess.Popen([CLR_MLFLOW, *args], env=store_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    run_id = wait_for_training(proc, "twice")
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert f"continue it with: clr-mlflow resume {run_id}" in err
+    assert MlflowClient().get_run(run_id).info.status == "KILLED"
 
 
 def test_resume_refuses_a_finished_run_and_a_run_without_checkpoint_in_one_line(store_env):
