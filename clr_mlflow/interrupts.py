@@ -5,7 +5,10 @@ step and the scheduler's, say. A checkpoint taken there would resume one iterati
 Inside `held_signals()` a signal is only recorded; the loop calls `deliver()` at the end of
 an iteration (after it has drained and checkpointed), which hands the signal to the handler
 that was installed before (the CLI's: the run ends KILLED, exit 130 / 143). A second signal
-while one is held exits at once, as a second Ctrl-C should.
+while one is held exits at once, as a second Ctrl-C should, unless it comes within
+ECHO_SECONDS of the first: that is the same stop delivered twice (Ctrl-C under `mlflow run`
+also arrives as the SIGTERM of MLflow's cancel; torchrun's agent forwards what it got), and
+honouring it would skip the checkpoint.
 """
 from __future__ import annotations
 
