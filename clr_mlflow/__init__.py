@@ -7,7 +7,7 @@
 from .finder import lr_find
 from .range_test import RangeTestResult
 from .schedules import clr_scheduler
-from .tracking import IterationLogger
+from .iteration_logger import IterationLogger
 
 __version__ = "0.1.0"
 __all__ = ["lr_find", "clr_scheduler", "IterationLogger", "RangeTestResult"]

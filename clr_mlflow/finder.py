@@ -17,6 +17,7 @@ from . import batched, distributed, tracking
 from .bounds import RULES
 from .curve import SWEEPS, sweep_lrs
 from .engine import NullSink, Snapshot
+from .iteration_logger import IterationLogger
 from .range_test import RangeTestResult, range_test
 from .seeds import combine, run_seeds
 from .steps import CrossEntropy, LossFn, Stepper, classification_eval, inputs_and_targets, metric_eval, \
@@ -159,7 +160,7 @@ def lr_find(
                                  "beta": beta, "diverge": diverge, "accumulate": accumulate,
                                  "eval_every": eval_every, "bounds_rule": bounds_rule,
                                  "bounds_divisor": bounds_divisor, "seeds": seeds})
-            sink = stack.enter_context(tracking.IterationLogger(run_id, log_every=log_every))
+            sink = stack.enter_context(IterationLogger(run_id, log_every=log_every))
         def run_one(seed_sink) -> RangeTestResult:
             return range_test(stepper, loader, lrs, accumulate=accumulate, beta=beta, diverge=diverge,
                               val_loader=val_loader, evaluator=evaluator, eval_every=eval_every, sink=seed_sink,

@@ -19,6 +19,7 @@ from . import assets, checkpoint, distributed, history, plots, plugins, tracking
 from .config import COMMANDS, RANGE, TRAIN, Config, ConfigError, validate
 from .engine import NullSink, make_optimizer, pick_device, seed_everything, use_fast_kernels
 from .finder import MIN_STEPS, lr_find
+from .iteration_logger import IterationLogger
 from .loaders import Loaders, load_loaders
 from .models import build_model
 from .presets import apply_preset, param_groups
@@ -211,7 +212,7 @@ def _train_phase(cfg: Config, stepper: Stepper, model, loaders: Loaders, out: Ou
     momentum = (cfg.base_momentum, cfg.max_momentum) if cfg.cycle_momentum else None
     scheduler = ScheduleLR(stepper.optimizer, schedule, momentum)
     evaluator = classification_eval(stepper.device, stepper.amp)
-    logger = tracking.IterationLogger(out.run_id, log_every=cfg.log_every) if out.run_id \
+    logger = IterationLogger(out.run_id, log_every=cfg.log_every) if out.run_id \
         else contextlib.nullcontext(NullSink())
     with logger as sink, tempfile.TemporaryDirectory(prefix="clr_mlflow-") as workdir:
         save = checkpoint_writer(out.run_id, out.bounds, Path(workdir), sink.flush) if out.run_id else None

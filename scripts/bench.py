@@ -36,7 +36,7 @@ from clr_mlflow.range_test import range_test  # noqa: E402
 from clr_mlflow.schedules import ScheduleLR, make_schedule  # noqa: E402
 from clr_mlflow.steps import CrossEntropy, Stepper, classification_eval  # noqa: E402
 from clr_mlflow.training import train  # noqa: E402
-from clr_mlflow.tracking import IterationLogger  # noqa: E402
+from clr_mlflow.iteration_logger import IterationLogger  # noqa: E402
 
 CPU = torch.device("cpu")
 CUDA = torch.device("cuda")

@@ -38,7 +38,7 @@ sys.path.insert(0, str(REPO))
 import mlflow  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
 
-from clr_mlflow import tracking  # noqa: E402
+from clr_mlflow.iteration_logger import IterationLogger  # noqa: E402
 from tests.servers import MlflowServer, PostgresServer, pg_bin_dir  # noqa: E402
 
 ITERS_PER_CALL = 8
@@ -48,7 +48,7 @@ LOG_METRIC_CALLS = 300
 
 
 def make_buffer(run_id: str, client: MlflowClient):
-    return tracking.IterationLogger(run_id, client=client)
+    return IterationLogger(run_id, client=client)
 
 
 def one_repeat(uri: str, experiment_id: str, repeat: int) -> dict:

@@ -6,13 +6,15 @@ a free port with its unix socket in that directory, and creates one database.
 `MlflowServer` runs `mlflow server --backend-store-uri postgresql://... --serve-artifacts`
 (or any backend URI, e.g. a SQLite file) in its own process group on another free loopback
 port and waits for `/health`; `crash()` SIGKILLs it and `restart()` brings it back on the
-same port with the same stores (tests/test_outages.py).
-Both are context managers that stop their process and remove their directory on exit.
+same port with the same stores (tests/test_outages.py). `LookupBarrier` is a real HTTP proxy
+in front of one that holds the first experiment lookups until all have arrived.
+All are context managers that stop their process and remove their directory on exit.
 The pytest fixtures `pg_server` and `mlflow_server` (session-scoped) wrap them.
 """
 from __future__ import annotations
 
 import contextlib
+import http.client
 import os
 import pwd
 import shutil
@@ -21,9 +23,12 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.parse
 import urllib.error
 import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -274,6 +279,66 @@ class MlflowServer(_TempService):
 
     def _halt(self) -> None:
         self._kill()
+
+
+class LookupBarrier:
+    """An HTTP proxy (127.0.0.1) in front of a tracking server that holds the first `parties`
+    experiment lookups by name until all of them have arrived, then lets them through
+    together: every client finds no experiment and goes on to create it, the race of
+    processes started at once, made certain instead of rare. Everything else, and every
+    later lookup, passes straight through. `with LookupBarrier(uri, 3) as proxy: proxy.uri`."""
+
+    LOOKUP = "/api/2.0/mlflow/experiments/get-by-name"
+
+    def __init__(self, upstream: str, parties: int, timeout: float = 120.0):
+        self.upstream = urllib.parse.urlsplit(upstream)
+        self.parties, self.arrived, self.lock = parties, 0, threading.Lock()
+        self.barrier = threading.Barrier(parties, timeout=timeout)  # broken on timeout: the lookup fails
+        proxy = self
+
+        class Forward(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def forward(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if self.path.startswith(proxy.LOOKUP) and proxy._first_lookup():
+                    proxy.barrier.wait()
+                upstream = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port, timeout=60)
+                try:
+                    headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
+                    upstream.request(self.command, self.path, body=body or None, headers=headers)
+                    answer = upstream.getresponse()
+                    data = answer.read()
+                finally:
+                    upstream.close()
+                self.send_response(answer.status)
+                for k, v in answer.getheaders():
+                    if k.lower() not in ("connection", "content-length", "transfer-encoding"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = do_PATCH = do_DELETE = forward
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer((LOOPBACK, 0), Forward)
+        self.uri = f"http://{LOOPBACK}:{self.server.server_address[1]}"
+
+    def _first_lookup(self) -> bool:
+        with self.lock:
+            self.arrived += 1
+            return self.arrived <= self.parties
+
+    def __enter__(self) -> "LookupBarrier":
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
 
 
 @pytest.fixture(scope="session")

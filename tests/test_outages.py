@@ -18,8 +18,8 @@ from mlflow import MlflowClient
 from servers import MlflowServer
 
 from clr_mlflow import delivery, spool
-from clr_mlflow.tracking import (IterationLogger, active_run, log_artifact_file, log_metrics, log_params, set_tags,
-                                 undelivered)
+from clr_mlflow.iteration_logger import IterationLogger
+from clr_mlflow.tracking import active_run, log_artifact_file, log_metrics, log_params, set_tags, undelivered
 
 CLR_MLFLOW = str(Path(sys.executable).parent / "clr-mlflow")
 

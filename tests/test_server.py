@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from tests.servers import mlflow_server, pg_server  # noqa: F401  (fixtures)
+from tests.servers import LookupBarrier, mlflow_server, pg_server  # noqa: F401  (fixtures)
 
 CLI_TIMEOUT = 600
 
@@ -191,3 +191,24 @@ def test_eight_range_tests_at_once_lose_no_point(mlflow_server, client, cifar, d
         np.testing.assert_array_equal(other, lrs[0])
     losses = {tuple(history(client, r.info.run_id, "range_test/loss")[1]) for r in runs}
     assert len(losses) == n
+
+
+
+def test_processes_creating_one_new_experiment_at_once_all_land_in_it(mlflow_server, client, tmp_path):  # noqa: F811
+    """Three processes look the new experiment up together (a proxy holds the lookups until
+    all three have asked), find nothing and all create it: the two that lose must still log
+    into it. MLflow's set_experiment returned to a loser without making the experiment
+    active, so its run landed in Default (seen once in CI with eight range tests at once)."""
+    n = 3
+    child = ("from clr_mlflow import tracking\n"
+             "with tracking.active_run('raced') as run:\n"
+             "    print('landed', run.info.experiment_id, run.info.run_id)\n")
+    with LookupBarrier(mlflow_server, n) as proxy:
+        procs = [subprocess.Popen([sys.executable, "-c", child], cwd=tmp_path, env=user_env(proxy.uri),
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(n)]
+        outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0] * n, [err[-2000:] for _, err in outs]
+    experiment = client.get_experiment_by_name("raced")
+    landed = [re.search(r"^landed (\S+) (\S+)$", out, re.M).groups() for out, _ in outs]
+    assert [e for e, _ in landed] == [experiment.experiment_id] * n, (experiment.experiment_id, landed)
+    assert {r.info.run_id for r in runs_of(client, "raced")} == {r for _, r in landed}
