@@ -239,38 +239,45 @@ def test_sync_refuses_in_one_line_what_it_cannot_send(tracking, spool_env, tmp_p
     assert spool.find(run.info.run_id) == folder  # refused: the spool stays
 
 
-def test_the_run_ends_at_once_when_the_store_is_away_and_this_process_can_send_its_spool_later(server, tmp_path,
-                                                                                              monkeypatch):
+@pytest.fixture
+def in_process(server, tmp_path, monkeypatch):
+    """This test process logs to `server` as the CLI would (bounded HTTP retries, its own
+    spool folder, no experiment left active by an earlier test); yields a client of it."""
     monkeypatch.setenv("CLR_MLFLOW_SPOOL_DIR", str(tmp_path / "spool"))
     for name, value in {**delivery.HTTP_RETRY_LIMITS, "MLFLOW_TRACKING_URI": server.uri}.items():
         monkeypatch.setenv(name, value)
     monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
-    client = MlflowClient(server.uri)
     mlflow.set_tracking_uri(server.uri)
     try:
-        with active_run("away") as run:
-            # close_timeout: long enough for the writer's first try to fail (about 2.5 s)
-            with IterationLogger(close_timeout=5) as log:
-                log.series(np.arange(50), {"x/lr": np.arange(50) * 0.1})
-                log.flush()
-                while len(steps_of(client, run.info.run_id, "x/lr")) < 50:
-                    time.sleep(0.1)
-                server.crash()
-                log.series(np.arange(50, 100), {"x/lr": np.arange(50, 100) * 0.1})
-            started = time.monotonic()
-            log_params({"p": 1})
-            log_metrics({"test/accuracy": 0.5})
-            set_tags({"t": "v"})
-        assert time.monotonic() - started < 5  # the store is known away: journaled at once, no retries
-        assert mlflow.active_run() is None  # the run left the fluent stack though the store never heard
-        folder = undelivered(run.info.run_id)
-        assert folder == tmp_path / "spool" / run.info.run_id
-        with pytest.raises(spool.SyncError, match="did not answer"):
-            spool.sync(folder)
-        server.restart()
-        assert spool.sync(folder).endswith(f"status FINISHED delivered to {server.uri}")
+        yield MlflowClient(server.uri)
     finally:
         mlflow.set_tracking_uri(None)
+
+
+def test_the_run_ends_at_once_when_the_store_is_away_and_this_process_can_send_its_spool_later(server, in_process,
+                                                                                              tmp_path):
+    client = in_process
+    with active_run("away") as run:
+        # close_timeout: long enough for the writer's first try to fail (about 2.5 s)
+        with IterationLogger(close_timeout=5) as log:
+            log.series(np.arange(50), {"x/lr": np.arange(50) * 0.1})
+            log.flush()
+            while len(steps_of(client, run.info.run_id, "x/lr")) < 50:
+                time.sleep(0.1)
+            server.crash()
+            log.series(np.arange(50, 100), {"x/lr": np.arange(50, 100) * 0.1})
+        started = time.monotonic()
+        log_params({"p": 1})
+        log_metrics({"test/accuracy": 0.5})
+        set_tags({"t": "v"})
+    assert time.monotonic() - started < 5  # the store is known away: journaled at once, no retries
+    assert mlflow.active_run() is None  # the run left the fluent stack though the store never heard
+    folder = undelivered(run.info.run_id)
+    assert folder == tmp_path / "spool" / run.info.run_id
+    with pytest.raises(spool.SyncError, match="did not answer"):
+        spool.sync(folder)
+    server.restart()
+    assert spool.sync(folder).endswith(f"status FINISHED delivered to {server.uri}")
     got = client.get_run(run.info.run_id)
     assert got.info.status == "FINISHED" and got.data.params == {"p": "1"} and got.data.tags["t"] == "v"
     assert got.data.metrics["test/accuracy"] == 0.5
@@ -286,37 +293,52 @@ def wait_until(condition, what, timeout=120):
 
 
 def test_ops_spooled_in_a_short_outage_are_sent_when_the_store_answers_again_the_newest_file_only(
-        server, tmp_path, monkeypatch):
-    monkeypatch.setenv("CLR_MLFLOW_SPOOL_DIR", str(tmp_path / "spool"))
-    for name, value in {**delivery.HTTP_RETRY_LIMITS, "MLFLOW_TRACKING_URI": server.uri}.items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
-    client = MlflowClient(server.uri)
+        server, in_process, tmp_path):
+    client = in_process
     checkpoint = tmp_path / "checkpoint.txt"
-    mlflow.set_tracking_uri(server.uri)
-    try:
-        with active_run("short") as run, IterationLogger() as log:
-            run_id = run.info.run_id
-            server.crash()
-            log.series(np.arange(10), {"x/lr": np.arange(10) * 0.1})
-            log.flush()
-            wait_until(lambda: spool.get(run_id).away, "the writer finds the store away")
-            for version in ("old", "new"):  # a checkpoint an epoch, while the store is away
-                checkpoint.write_text(version)
-                log_artifact_file(checkpoint, "train")
-            waiting = spool.get(run_id).waiting
-            assert [e["path"] for e in waiting] == ["train/checkpoint.txt"]  # the newer one replaced the older
-            staged = sorted(p.name for p in (spool.get(run_id).dir / "files").iterdir())
-            assert staged == [Path(waiting[0]["files"]).name]  # and the older file is gone
-            server.restart()
-            wait_until(lambda: not spool.get(run_id).away, "the writer gets through again")
-            set_tags({"after": "outage"})  # the next op sends what waited first
-            assert spool.get(run_id).waiting == []
-            assert client.get_run(run_id).data.tags["after"] == "outage"
-        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="train/checkpoint.txt",
-                                                    dst_path=str(tmp_path / "down"))
-        assert Path(local).read_text() == "new"
-    finally:
-        mlflow.set_tracking_uri(None)
+    with active_run("short") as run, IterationLogger() as log:
+        run_id = run.info.run_id
+        server.crash()
+        log.series(np.arange(10), {"x/lr": np.arange(10) * 0.1})
+        log.flush()
+        wait_until(lambda: spool.get(run_id).away, "the writer finds the store away")
+        for version in ("old", "new"):  # a checkpoint an epoch, while the store is away
+            checkpoint.write_text(version)
+            log_artifact_file(checkpoint, "train")
+        waiting = spool.get(run_id).waiting
+        assert [e["path"] for e in waiting] == ["train/checkpoint.txt"]  # the newer one replaced the older
+        staged = sorted(p.name for p in (spool.get(run_id).dir / "files").iterdir())
+        assert staged == [Path(waiting[0]["files"]).name]  # and the older file is gone
+        server.restart()
+        wait_until(lambda: not spool.get(run_id).away, "the writer gets through again")
+        set_tags({"after": "outage"})  # the next op sends what waited first
+        assert spool.get(run_id).waiting == []
+        assert client.get_run(run_id).data.tags["after"] == "outage"
+    local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="train/checkpoint.txt",
+                                                dst_path=str(tmp_path / "down"))
+    assert Path(local).read_text() == "new"
     assert client.get_run(run_id).info.status == "FINISHED" and steps_of(client, run_id, "x/lr") == list(range(10))
     assert undelivered(run_id) is None and not (tmp_path / "spool").exists()
+
+
+def test_a_logger_closing_in_an_outage_warns_only_about_its_own_values(server, in_process, capsys):
+    """Two loggers on one run (the range test's and training's): the one whose values all
+    arrived closes without a warning while the other's chunk still waits for the store."""
+    client = in_process
+    with active_run("two loggers") as run, IterationLogger() as waiting:
+        run_id = run.info.run_id
+        with IterationLogger(close_timeout=1) as done:
+            done.series(np.arange(20), {"done/lr": np.arange(20) * 0.1})
+            done.flush()
+            wait_until(lambda: len(steps_of(client, run_id, "done/lr")) == 20, "the first logger's values stored")
+            server.crash()
+            waiting.series(np.arange(30), {"waits/lr": np.arange(30) * 0.1})
+            waiting.flush()
+            wait_until(lambda: spool.get(run_id).away, "the writer finds the store away")
+        assert "has not taken every value" not in capsys.readouterr().err
+        server.restart()
+    assert "has not taken every value" not in capsys.readouterr().err  # back in time: all taken
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert steps_of(client, run_id, "waits/lr") == list(range(30))
+    assert steps_of(client, run_id, "done/lr") == list(range(20))
+    assert undelivered(run_id) is None
