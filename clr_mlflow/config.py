@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
+from functools import partial
 
 from . import plugins
+from .checks import need
 from .bounds import RULES
 from .curve import SWEEPS
 from .models import MODELS
@@ -93,9 +95,7 @@ class Config:
         return {n: getattr(self, n) for n in self.names(phases)}
 
 
-def _need(ok: bool, name: str, expected: str, value) -> None:
-    if not ok:
-        raise ConfigError(f"Expected {expected} {name}, but got {value!r}")
+_need = partial(need, error=ConfigError)  # the CLI prints a ConfigError as one line
 
 
 def _choice(name: str, value, choices) -> None:

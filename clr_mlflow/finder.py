@@ -3,8 +3,6 @@ table, plot and MLflow tracking. The CLI's range test is a call of this function
 from __future__ import annotations
 
 import dataclasses
-import math
-import numbers
 from collections.abc import Callable, Iterable
 from contextlib import ExitStack
 from typing import Any
@@ -15,6 +13,7 @@ from torch import nn
 
 from . import batched, distributed, tracking
 from .bounds import RULES
+from .checks import is_finite, is_int, need
 from .curve import SWEEPS, sweep_lrs
 from .engine import NullSink, Snapshot
 from .iteration_logger import IterationLogger
@@ -26,19 +25,6 @@ from .steps import CrossEntropy, LossFn, Stepper, classification_eval, inputs_an
 MIN_STEPS = 10           # a loader shorter than this many optimizer steps cannot show a curve
 MAX_ITERS = 10_000_000   # beyond any real range test: a typo, not a request
 MAX_SEEDS = 1000
-
-
-def _need(ok: bool, name: str, expected: str, value) -> None:
-    if not ok:
-        raise ValueError(f"Expected {expected} {name}, but got {value!r}")
-
-
-def _is_int(value, low: int) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= low
-
-
-def _finite(value) -> bool:
-    return isinstance(value, numbers.Real) and math.isfinite(value)
 
 
 def lr_find(
@@ -104,40 +90,40 @@ def lr_find(
         result = clr_mlflow.lr_find(model, optimizer, loader, num_iters=200)
         base_lr, max_lr = result.suggest()
     """
-    _need(isinstance(model, nn.Module), "model", "a torch.nn.Module as", type(model).__name__)
-    _need(isinstance(optimizer, torch.optim.Optimizer), "optimizer", "a torch.optim.Optimizer as",
+    need(isinstance(model, nn.Module), "model", "a torch.nn.Module as", type(model).__name__)
+    need(isinstance(optimizer, torch.optim.Optimizer), "optimizer", "a torch.optim.Optimizer as",
           type(optimizer).__name__)
-    _need(hasattr(loader, "__iter__"), "loader", "an iterable of batches as", type(loader).__name__)
+    need(hasattr(loader, "__iter__"), "loader", "an iterable of batches as", type(loader).__name__)
     num_iters = 100 if num_iters is None else num_iters
-    _need(_is_int(num_iters, 2) and num_iters <= MAX_ITERS, "num_iters", f"integer in [2, {MAX_ITERS:,}] for",
+    need(is_int(num_iters, 2) and num_iters <= MAX_ITERS, "num_iters", f"integer in [2, {MAX_ITERS:,}] for",
           num_iters)
-    _need(_finite(start_lr) and start_lr > 0, "start_lr", "positive finite", start_lr)
-    _need(_finite(end_lr) and end_lr > start_lr, "end_lr", f"finite value > start_lr={start_lr} for", end_lr)
-    _need(sweep in SWEEPS, "sweep", f"one of {', '.join(SWEEPS)} for", sweep)
-    _need(_finite(beta) and 0 <= beta < 1, "beta", "value in [0, 1) for", beta)
-    _need(_finite(diverge) and diverge > 1, "diverge", "finite value > 1 for", diverge)
-    _need(_is_int(accumulate, 1), "accumulate", "positive integer", accumulate)
-    _need(_is_int(eval_every, 0), "eval_every", "non-negative integer", eval_every)
-    _need(_is_int(log_every, 1), "log_every", "positive integer", log_every)
-    _need(_is_int(seeds, 1) and seeds <= MAX_SEEDS, "seeds", f"integer in [1, {MAX_SEEDS}] for", seeds)
-    _need(batched_seeds is None or isinstance(batched_seeds, bool), "batched_seeds", "None, True or False as",
+    need(is_finite(start_lr) and start_lr > 0, "start_lr", "positive finite", start_lr)
+    need(is_finite(end_lr) and end_lr > start_lr, "end_lr", f"finite value > start_lr={start_lr} for", end_lr)
+    need(sweep in SWEEPS, "sweep", f"one of {', '.join(SWEEPS)} for", sweep)
+    need(is_finite(beta) and 0 <= beta < 1, "beta", "value in [0, 1) for", beta)
+    need(is_finite(diverge) and diverge > 1, "diverge", "finite value > 1 for", diverge)
+    need(is_int(accumulate, 1), "accumulate", "positive integer", accumulate)
+    need(is_int(eval_every, 0), "eval_every", "non-negative integer", eval_every)
+    need(is_int(log_every, 1), "log_every", "positive integer", log_every)
+    need(is_int(seeds, 1) and seeds <= MAX_SEEDS, "seeds", f"integer in [1, {MAX_SEEDS}] for", seeds)
+    need(batched_seeds is None or isinstance(batched_seeds, bool), "batched_seeds", "None, True or False as",
           batched_seeds)
-    _need((val_loader is None) == (eval_every == 0), "eval_every" if val_loader is not None else "val_loader",
+    need((val_loader is None) == (eval_every == 0), "eval_every" if val_loader is not None else "val_loader",
           "both val_loader and a positive eval_every, or neither, for", eval_every)
-    _need(metric_fn is None or callable(metric_fn), "metric_fn", "a callable(model, val_loader) -> float as",
+    need(metric_fn is None or callable(metric_fn), "metric_fn", "a callable(model, val_loader) -> float as",
           metric_fn)
-    _need(bounds_rule in RULES, "bounds_rule", f"one of {', '.join(RULES)} for", bounds_rule)
-    _need(bounds_rule != "accuracy" or eval_every > 0, "eval_every", "a positive (bounds_rule=accuracy needs it)",
+    need(bounds_rule in RULES, "bounds_rule", f"one of {', '.join(RULES)} for", bounds_rule)
+    need(bounds_rule != "accuracy" or eval_every > 0, "eval_every", "a positive (bounds_rule=accuracy needs it)",
           eval_every)
-    _need(_finite(bounds_divisor) and bounds_divisor > 1, "bounds_divisor", "finite value > 1 for", bounds_divisor)
-    _need(scaler is None or isinstance(scaler, torch.amp.GradScaler), "scaler", "a torch.amp.GradScaler or None as",
+    need(is_finite(bounds_divisor) and bounds_divisor > 1, "bounds_divisor", "finite value > 1 for", bounds_divisor)
+    need(scaler is None or isinstance(scaler, torch.amp.GradScaler), "scaler", "a torch.amp.GradScaler or None as",
           scaler)
     first_lr = optimizer.param_groups[0]["lr"]
-    _need(_finite(first_lr) and first_lr > 0, "optimizer.param_groups[0]['lr']",
+    need(is_finite(first_lr) and first_lr > 0, "optimizer.param_groups[0]['lr']",
           "positive (other groups are swept in proportion to it)", first_lr)
     if hasattr(loader, "__len__"):
         steps = len(loader) // accumulate
-        _need(steps >= MIN_STEPS, "loader", f"at least {MIN_STEPS} optimizer steps ({MIN_STEPS} x accumulate="
+        need(steps >= MIN_STEPS, "loader", f"at least {MIN_STEPS} optimizer steps ({MIN_STEPS} x accumulate="
               f"{accumulate} batches) in", f"{len(loader)} batches")
     device = torch.device(device) if device is not None else model_device(model)
     if loss_fn is None:

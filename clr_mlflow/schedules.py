@@ -8,12 +8,13 @@ Frozen dataclasses, so schedules pickle into `state_dict()` (lambdas would not).
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 
 import numpy as np
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
+
+from .checks import is_finite, is_int, need
 
 POLICIES = ("triangular", "triangular2", "exp_range", "one_cycle", "fixed")
 CLR_MODES = ("triangular", "triangular2", "exp_range")
@@ -150,11 +151,6 @@ class ScheduleLR(LRScheduler):
                 set_momentum(group, high - (high - low) * h)
 
 
-def _check(ok: bool, name: str, expected: str, value) -> None:
-    if not ok:
-        raise ValueError(f"Expected {expected} {name}, but got {value!r}")
-
-
 def clr_scheduler(
     optimizer: Optimizer,
     policy: str,
@@ -183,25 +179,24 @@ def clr_scheduler(
 
         scheduler = clr_scheduler(optimizer, "triangular2", 1e-3, 6e-3, step_size=2000)
     """
-    _check(policy in POLICIES, "policy", f"one of {', '.join(POLICIES)} for", policy)
-    _check(math.isfinite(base_lr) and base_lr > 0, "base_lr", "positive finite", base_lr)
-    _check(math.isfinite(max_lr) and max_lr >= base_lr, "max_lr", f"finite value >= base_lr={base_lr} for", max_lr)
-    _check(policy != "one_cycle" or max_lr > base_lr, "max_lr", f"value > base_lr={base_lr} (policy=one_cycle) for",
+    need(policy in POLICIES, "policy", f"one of {', '.join(POLICIES)} for", policy)
+    need(is_finite(base_lr) and base_lr > 0, "base_lr", "positive finite", base_lr)
+    need(is_finite(max_lr) and max_lr >= base_lr, "max_lr", f"finite value >= base_lr={base_lr} for", max_lr)
+    need(policy != "one_cycle" or max_lr > base_lr, "max_lr", f"value > base_lr={base_lr} (policy=one_cycle) for",
            max_lr)
     if policy in CLR_MODES:
-        _check(isinstance(step_size, numbers.Integral) and not isinstance(step_size, bool) and step_size >= 1, "step_size", f"positive integer (policy={policy})",
-               step_size)
+        need(is_int(step_size, 1), "step_size", f"positive integer (policy={policy})", step_size)
     if policy == "one_cycle":
-        _check(isinstance(total_iters, numbers.Integral) and total_iters >= 2, "total_iters", "integer >= 2 (policy=one_cycle)",
-               total_iters)
-    _check(0 < gamma <= 1, "gamma", "value in (0, 1] for", gamma)
-    _check(0 <= anneal_frac < 1, "anneal_frac", "value in [0, 1) for", anneal_frac)
-    _check(math.isfinite(anneal_div) and anneal_div >= 1, "anneal_div", "finite value >= 1 for", anneal_div)
+        need(is_int(total_iters, 2), "total_iters", "integer >= 2 (policy=one_cycle)", total_iters)
+    need(is_finite(gamma) and 0 < gamma <= 1, "gamma", "value in (0, 1] for", gamma)
+    need(is_finite(anneal_frac) and 0 <= anneal_frac < 1, "anneal_frac", "value in [0, 1) for", anneal_frac)
+    need(is_finite(anneal_div) and anneal_div >= 1, "anneal_div", "finite value >= 1 for", anneal_div)
     if cycle_momentum:
-        _check(0 <= base_momentum < max_momentum < 1, "base_momentum/max_momentum", "0 <= base < max < 1 for",
-               (base_momentum, max_momentum))
+        need(is_finite(base_momentum) and is_finite(max_momentum) and 0 <= base_momentum < max_momentum < 1,
+             "base_momentum/max_momentum", "0 <= base < max < 1 for", (base_momentum, max_momentum))
     first = optimizer.param_groups[0].get("initial_lr", optimizer.param_groups[0]["lr"])
-    _check(first > 0, "optimizer.param_groups[0]['lr']", "positive (other groups keep their ratio to it)", first)
+    need(is_finite(first) and first > 0, "optimizer.param_groups[0]['lr']",
+         "positive (other groups keep their ratio to it)", first)
     schedule = make_schedule(policy, base_lr, max_lr, step_size or 1, total_iters or 1, gamma, anneal_frac,
                              anneal_div)
     return ScheduleLR(optimizer, schedule, (base_momentum, max_momentum) if cycle_momentum else None)

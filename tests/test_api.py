@@ -319,6 +319,12 @@ def test_clr_scheduler_state_dict_and_pickle_round_trip():
     (("one_cycle", 0.1, 0.1), dict(total_iters=40), "max_lr"),  # a zero-height cycle would divide by zero
     (("triangular", 0.1, 1.0), dict(step_size=True), "step_size"),
     (("one_cycle", 0.1, 1.0), dict(total_iters=40, anneal_div=float("inf")), "anneal_div"),
+    # not numbers at all: the same one line, not a TypeError from a comparison
+    (("triangular", "0.1", 1.0), dict(step_size=10), "base_lr"),
+    (("exp_range", 0.1, 1.0), dict(step_size=10, gamma=None), "gamma"),
+    (("one_cycle", 0.1, 1.0), dict(total_iters=True), "total_iters"),
+    (("one_cycle", 0.1, 1.0), dict(total_iters=40, anneal_frac=float("nan")), "anneal_frac"),
+    (("triangular", 0.1, 1.0), dict(step_size=10, cycle_momentum=True, base_momentum="0.8"), "base_momentum"),
 ])
 def test_clr_scheduler_rejects_bad_arguments_before_touching_the_optimizer(args, kwargs, needle):
     opt = torch.optim.SGD(Regressor().parameters(), lr=0.5)
