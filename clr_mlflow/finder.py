@@ -82,7 +82,8 @@ def lr_find(
       first batched step fails (a loss dict, dropout...); True: batched on any device (on
       the CPU it measured slower: scripts/bench_seeds.py), or a ValueError; False: never.
     - `track`: log into the active MLflow run, or a new one (`range_test/*` series,
-      bounds table, curve.csv, curve.png).
+      bounds table, curve.csv, curve.png). An active run that already holds a range test
+      gets a child run for this one (nested), so two curves never interleave.
 
     Returns a RangeTestResult: `lrs`, `losses`, `smoothed`, `to_frame()`, `bounds` (one row
     per rule), `suggest(rule=None) -> (base_lr, max_lr)`, `plot()`.
@@ -141,7 +142,8 @@ def lr_find(
     with ExitStack() as stack:
         run_id, sink = None, NullSink()
         if track:
-            run_id = stack.enter_context(tracking.run_scope({"clr_mlflow.kind": "range_test"}))
+            run_id = stack.enter_context(tracking.run_scope({"clr_mlflow.kind": "range_test"},
+                                                                  taken_by="range_test/lr"))
             tracking.log_params({"lr_start": start_lr, "lr_end": end_lr, "num_iters": num_iters, "sweep": sweep,
                                  "beta": beta, "diverge": diverge, "accumulate": accumulate,
                                  "eval_every": eval_every, "bounds_rule": bounds_rule,

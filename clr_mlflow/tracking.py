@@ -105,16 +105,33 @@ def undelivered(run_id: str) -> Path | None:
 
 
 @contextlib.contextmanager
-def run_scope(tags: dict | None = None):
+def run_scope(tags: dict | None = None, taken_by: str | None = None):
     """The active run's id, or a new run (in the active experiment) for the block, ended
-    when it ends (FAILED if it raises). An active run gets those of `tags` it lacks."""
+    when it ends (FAILED if it raises). An active run gets those of `tags` it lacks.
+    `taken_by`: a metric whose presence in the active run means an earlier block already
+    logged there (a second lr_find: its steps would interleave with the first's and its
+    params clash), so the block gets a child run of the active run instead."""
     run = mlflow.active_run()
-    if run is not None:
+    if run is not None and not (taken_by and _has_metric(run.info.run_id, taken_by)):
         delivery.deliver(run.info.run_id, "tags", {"tags": _strings(tags or {}), "missing_only": True})
         yield run.info.run_id
         return
-    with _ended_by_outcome(mlflow.start_run(run_name=fresh_run_name(), tags=tags)) as run:
-        yield run.info.run_id
+    with _ended_by_outcome(mlflow.start_run(run_name=fresh_run_name(), tags=tags, nested=run is not None)) as child:
+        if run is not None:
+            print(f"note: run {run.info.run_id} already has {taken_by}; this one logs into its child run "
+                  f"{child.info.run_id}", file=sys.stderr)
+        yield child.info.run_id
+
+
+def _has_metric(run_id: str, key: str) -> bool:
+    """Whether the run has logged `key`; with the store away, False (the block logs into the
+    run and its writes are spooled, as they would be without the question)."""
+    try:
+        return key in MlflowClient().get_run(run_id).data.metrics
+    except Exception as e:  # noqa: BLE001
+        if delivery.is_outage(e):
+            return False
+        raise
 
 
 def git_commit() -> str:

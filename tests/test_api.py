@@ -195,6 +195,28 @@ def test_torchvision_detection_model_with_a_dict_of_losses(tracking):
         np.testing.assert_allclose(values, result.terms[name], rtol=1e-12)
 
 
+def test_a_second_lr_find_in_the_same_run_gets_a_child_run(tracking, capsys):
+    """Two range tests in one user run would interleave steps 0..n-1 twice in one series (and
+    clash on params): the second logs into a child run, the first stays as it was."""
+    model, opt = regression_setup()
+    loss = lambda m, b: F.mse_loss(m(b["features"]), b["target"])  # noqa: E731
+    with mlflow.start_run() as run:
+        first = clr_mlflow.lr_find(model, opt, dict_batches(), loss_fn=loss, num_iters=15, diverge=1e9,
+                                   progress=False)
+        second = clr_mlflow.lr_find(model, opt, dict_batches(), loss_fn=loss, num_iters=12, start_lr=1e-4,
+                                    diverge=1e9, progress=False)
+    assert first.run_id == run.info.run_id and second.run_id != run.info.run_id
+    assert f"logs into its child run {second.run_id}" in capsys.readouterr().err
+    child = MlflowClient().get_run(second.run_id)
+    assert child.data.tags["mlflow.parentRunId"] == run.info.run_id and child.info.status == "FINISHED"
+    assert child.data.params["num_iters"] == "12" and MlflowClient().get_run(run.info.run_id).data.params[
+        "num_iters"] == "15"
+    for result in (first, second):
+        steps, lrs = history(result.run_id, "range_test/lr")
+        np.testing.assert_array_equal(steps, np.arange(len(result.lrs)))  # each step once
+        np.testing.assert_allclose(lrs, result.lrs, rtol=1e-12)
+
+
 def test_default_loss_with_validation_accuracy_on_a_dataloader(tracking):
     from torch.utils.data import DataLoader, TensorDataset
 
