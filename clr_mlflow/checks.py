@@ -19,5 +19,11 @@ def is_int(value, low: int) -> bool:
 
 
 def is_finite(value) -> bool:
-    """A real, finite number (a string or None is not; comparing them would raise TypeError)."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    """A finite number: a float, int, NumPy scalar or one-element tensor (torch takes tensor
+    lrs); not a string, bool or None (comparing those would raise TypeError, or pass True as 1)."""
+    if value is None or isinstance(value, (str, bytes, bool)):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False

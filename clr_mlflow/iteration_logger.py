@@ -2,6 +2,7 @@
 loop. Its chunks go to the run's spool (spool.py) before a background thread sends them."""
 from __future__ import annotations
 
+import itertools
 import queue
 import sys
 import threading
@@ -14,6 +15,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric
 
 from . import delivery, spool
+from .checks import is_int
 
 RETRY_FIRST, RETRY_CAP = 0.5, 5.0  # the writer's backoff between tries of one chunk (seconds)
 
@@ -54,7 +56,7 @@ class IterationLogger:
             if active is None:
                 raise ValueError("Expected run_id or an active MLflow run (mlflow.start_run()), but there is none")
             run_id = active.info.run_id
-        if not (isinstance(log_every, int) and log_every >= 1):
+        if not is_int(log_every, 1):
             raise ValueError(f"Expected positive integer log_every, but got {log_every!r}")
         self.run_id, self.prefix, self.log_every = run_id, prefix, log_every
         self.flush_every, self.flush_seconds, self.sync_every = flush_every, flush_seconds, sync_every
@@ -70,7 +72,8 @@ class IterationLogger:
         self.refused: BaseException | None = None  # the first write the store refused
         # This logger's chunks the store has not taken: the spool's in_flight is the run's,
         # shared with the range test's logger, whose leftovers are not this one's to report.
-        self.unsent: set[int] = set()
+        self.unsent: set[int] = set()  # by this logger's chunk number (the spool's token is 0 when it
+        self.chunks = itertools.count()  # cannot write, so it cannot tell chunks apart)
         self.closed = False
         # Made here, not in the loop: the spool's folder and lock cost ~10 ms of file system
         # work once, and the thread's start hands it the GIL for a switch interval (5 ms).
@@ -126,15 +129,16 @@ class IterationLogger:
             # both (replays skip points the store has), never in neither.
             token = self.spool.append_metrics(self.pending)  # on disk before it is sent: SIGKILL-proof
             chunks, self.pending, self.pending_values = self.pending, [], 0
-            self.unsent.add(token)
-            self.queue.put((chunks, token))
+            number = next(self.chunks)
+            self.unsent.add(number)
+            self.queue.put((chunks, token, number))
             self.calls += 1
 
     def _write_all(self) -> None:
         while (item := self.queue.get()) is not None and not self.stopped.is_set():
             self._write(*item)
 
-    def _write(self, chunks, token: int) -> None:
+    def _write(self, chunks, token: int, number: int) -> None:
         metrics = [Metric(key, v, ts, s) for ts, steps, values in chunks for key, vals in values.items()
                    for s, v in zip(steps.tolist(), vals.tolist())]
         delay = RETRY_FIRST
@@ -150,7 +154,7 @@ class IterationLogger:
                 delay = min(2 * delay, RETRY_CAP)
             else:
                 self.spool.delivered(token)
-                self.unsent.discard(token)
+                self.unsent.discard(number)
                 return
 
     def close(self) -> None:

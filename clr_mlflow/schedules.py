@@ -197,6 +197,7 @@ def clr_scheduler(
     first = optimizer.param_groups[0].get("initial_lr", optimizer.param_groups[0]["lr"])
     need(is_finite(first) and first > 0, "optimizer.param_groups[0]['lr']",
          "positive (other groups keep their ratio to it)", first)
-    schedule = make_schedule(policy, base_lr, max_lr, step_size or 1, total_iters or 1, gamma, anneal_frac,
-                             anneal_div)
+    # plain floats from here: torch takes 0-dim tensors as lrs, the schedule's math wants numbers
+    schedule = make_schedule(policy, float(base_lr), float(max_lr), step_size or 1, total_iters or 1, float(gamma),
+                             float(anneal_frac), float(anneal_div))
     return ScheduleLR(optimizer, schedule, (base_momentum, max_momentum) if cycle_momentum else None)

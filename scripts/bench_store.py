@@ -2,7 +2,7 @@
 on PostgreSQL) versus a local SQLite file.
 
 For each store and repeat, one run receives 30,000 values through our buffer
-(`clr_mlflow.tracking.IterationLogger`) the way the training loop
+(`clr_mlflow.iteration_logger.IterationLogger`) the way the training loop
 sends them: `series(steps, {3 metrics})` calls of 8 iterations each (1,250 calls). Measured:
 
 - loop_us_per_value: time spent inside the `series` calls / 30,000: what the loop pays;

@@ -6,9 +6,10 @@ a free port with its unix socket in that directory, and creates one database.
 `MlflowServer` runs `mlflow server --backend-store-uri postgresql://... --serve-artifacts`
 (or any backend URI, e.g. a SQLite file) in its own process group on another free loopback
 port and waits for `/health`; `crash()` SIGKILLs it and `restart()` brings it back on the
-same port with the same stores (tests/test_outages.py). `LookupBarrier` is a real HTTP proxy
-in front of one that holds the first experiment lookups until all have arrived.
-All are context managers that stop their process and remove their directory on exit.
+same port with the same stores (tests/test_outages.py). Both are context managers that stop
+their process and remove their directory on exit. `LookupBarrier` is a real HTTP proxy (a
+thread of the test process) in front of one that holds the first experiment lookups until
+all have arrived.
 The pytest fixtures `pg_server` and `mlflow_server` (session-scoped) wrap them.
 """
 from __future__ import annotations
@@ -285,8 +286,9 @@ class LookupBarrier:
     """An HTTP proxy (127.0.0.1) in front of a tracking server that holds the first `parties`
     experiment lookups by name until all of them have arrived, then lets them through
     together: every client finds no experiment and goes on to create it, the race of
-    processes started at once, made certain instead of rare. Everything else, and every
-    later lookup, passes straight through. `with LookupBarrier(uri, 3) as proxy: proxy.uri`."""
+    processes started at once, made certain instead of rare. Every later lookup and every
+    other GET/POST/PUT/PATCH/DELETE with a Content-Length body (MLflow's tracking calls)
+    passes straight through. `with LookupBarrier(uri, 3) as proxy: proxy.uri`."""
 
     LOOKUP = "/api/2.0/mlflow/experiments/get-by-name"
 
@@ -319,7 +321,7 @@ class LookupBarrier:
                 self.end_headers()
                 self.wfile.write(data)
 
-            do_GET = do_POST = do_PATCH = do_DELETE = forward
+            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = forward
 
             def log_message(self, *args):
                 pass

@@ -311,6 +311,20 @@ def test_clr_scheduler_matches_the_formula_and_torch_for_every_group(mode, gamma
     assert opt.param_groups[1]["lr"] == pytest.approx(3 * opt.param_groups[0]["lr"])
 
 
+def test_clr_scheduler_takes_tensor_lrs_as_torch_does():
+    """torch optimizers take a 0-dim tensor lr (capturable / compiled steps): the checks take
+    it too, and the tensor is filled in place with the formula's lr."""
+    opt = torch.optim.Adam(Regressor().parameters(), lr=torch.tensor(1e-3))
+    sched = clr_mlflow.clr_scheduler(opt, "triangular", torch.tensor(1e-3), 6e-3, step_size=5)
+    lrs = []
+    for _ in range(12):
+        lrs.append(opt.param_groups[0]["lr"].item())
+        opt.step()
+        sched.step()
+    assert isinstance(opt.param_groups[0]["lr"], torch.Tensor)
+    np.testing.assert_allclose(lrs, formula(np.arange(12), 1e-3, 6e-3, 5, "triangular"), rtol=1e-6)
+
+
 def test_clr_scheduler_state_dict_and_pickle_round_trip():
     model = Regressor()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)

@@ -325,12 +325,13 @@ def test_a_logger_closing_in_an_outage_warns_only_about_its_own_values(server, i
     """Two loggers on one run (the range test's and training's): the one whose values all
     arrived closes without a warning while the other's chunk still waits for the store."""
     client = in_process
-    with active_run("two loggers") as run, IterationLogger() as waiting:
+    with active_run("two loggers") as run, IterationLogger(close_timeout=60) as waiting:  # a restart, a backoff
         run_id = run.info.run_id
         with IterationLogger(close_timeout=1) as done:
             done.series(np.arange(20), {"done/lr": np.arange(20) * 0.1})
             done.flush()
-            wait_until(lambda: len(steps_of(client, run_id, "done/lr")) == 20, "the first logger's values stored")
+            wait_until(lambda: len(steps_of(client, run_id, "done/lr")) == 20 and not done.unsent,
+                       "the first logger's values stored and acknowledged")
             server.crash()
             waiting.series(np.arange(30), {"waits/lr": np.arange(30) * 0.1})
             waiting.flush()

@@ -193,7 +193,6 @@ def test_eight_range_tests_at_once_lose_no_point(mlflow_server, client, cifar, d
     assert len(losses) == n
 
 
-
 def test_processes_creating_one_new_experiment_at_once_all_land_in_it(mlflow_server, client, tmp_path):  # noqa: F811
     """Three processes look the new experiment up together (a proxy holds the lookups until
     all three have asked), find nothing and all create it: the two that lose must still log
@@ -206,7 +205,11 @@ def test_processes_creating_one_new_experiment_at_once_all_land_in_it(mlflow_ser
     with LookupBarrier(mlflow_server, n) as proxy:
         procs = [subprocess.Popen([sys.executable, "-c", child], cwd=tmp_path, env=user_env(proxy.uri),
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(n)]
-        outs = [p.communicate(timeout=300) for p in procs]
+        try:
+            outs = [p.communicate(timeout=300) for p in procs]
+        finally:
+            for p in procs:
+                p.kill()  # one that hung must not outlive the test (no-op for those that exited)
     assert [p.returncode for p in procs] == [0] * n, [err[-2000:] for _, err in outs]
     experiment = client.get_experiment_by_name("raced")
     landed = [re.search(r"^landed (\S+) (\S+)$", out, re.M).groups() for out, _ in outs]
