@@ -93,11 +93,11 @@ def lr_find(
     """
     need(isinstance(model, nn.Module), "model", "a torch.nn.Module as", type(model).__name__)
     need(isinstance(optimizer, torch.optim.Optimizer), "optimizer", "a torch.optim.Optimizer as",
-          type(optimizer).__name__)
+         type(optimizer).__name__)
     need(hasattr(loader, "__iter__"), "loader", "an iterable of batches as", type(loader).__name__)
     num_iters = 100 if num_iters is None else num_iters
     need(is_int(num_iters, 2) and num_iters <= MAX_ITERS, "num_iters", f"integer in [2, {MAX_ITERS:,}] for",
-          num_iters)
+         num_iters)
     need(is_finite(start_lr) and start_lr > 0, "start_lr", "positive finite", start_lr)
     need(is_finite(end_lr) and end_lr > start_lr, "end_lr", f"finite value > start_lr={start_lr} for", end_lr)
     need(sweep in SWEEPS, "sweep", f"one of {', '.join(SWEEPS)} for", sweep)
@@ -108,24 +108,25 @@ def lr_find(
     need(is_int(log_every, 1), "log_every", "positive integer", log_every)
     need(is_int(seeds, 1) and seeds <= MAX_SEEDS, "seeds", f"integer in [1, {MAX_SEEDS}] for", seeds)
     need(batched_seeds is None or isinstance(batched_seeds, bool), "batched_seeds", "None, True or False as",
-          batched_seeds)
+         batched_seeds)
     need((val_loader is None) == (eval_every == 0), "eval_every" if val_loader is not None else "val_loader",
-          "both val_loader and a positive eval_every, or neither, for", eval_every)
+         "both val_loader and a positive eval_every, or neither, for", eval_every)
     need(metric_fn is None or callable(metric_fn), "metric_fn", "a callable(model, val_loader) -> float as",
-          metric_fn)
+         metric_fn)
     need(bounds_rule in RULES, "bounds_rule", f"one of {', '.join(RULES)} for", bounds_rule)
     need(bounds_rule != "accuracy" or eval_every > 0, "eval_every", "a positive (bounds_rule=accuracy needs it)",
-          eval_every)
+         eval_every)
     need(is_finite(bounds_divisor) and bounds_divisor > 1, "bounds_divisor", "finite value > 1 for", bounds_divisor)
     need(scaler is None or isinstance(scaler, torch.amp.GradScaler), "scaler", "a torch.amp.GradScaler or None as",
-          scaler)
+         scaler)
+    start_lr, end_lr = float(start_lr), float(end_lr)  # a NumPy scalar or tensor logs as a plain number
     first_lr = optimizer.param_groups[0]["lr"]
     need(is_finite(first_lr) and first_lr > 0, "optimizer.param_groups[0]['lr']",
-          "positive (other groups are swept in proportion to it)", first_lr)
+         "positive (other groups are swept in proportion to it)", first_lr)
     if hasattr(loader, "__len__"):
         steps = len(loader) // accumulate
         need(steps >= MIN_STEPS, "loader", f"at least {MIN_STEPS} optimizer steps ({MIN_STEPS} x accumulate="
-              f"{accumulate} batches) in", f"{len(loader)} batches")
+             f"{accumulate} batches) in", f"{len(loader)} batches")
     device = torch.device(device) if device is not None else model_device(model)
     if loss_fn is None:
         _check_default_batches(model, optimizer, loader)

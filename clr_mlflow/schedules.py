@@ -183,7 +183,7 @@ def clr_scheduler(
     need(is_finite(base_lr) and base_lr > 0, "base_lr", "positive finite", base_lr)
     need(is_finite(max_lr) and max_lr >= base_lr, "max_lr", f"finite value >= base_lr={base_lr} for", max_lr)
     need(policy != "one_cycle" or max_lr > base_lr, "max_lr", f"value > base_lr={base_lr} (policy=one_cycle) for",
-           max_lr)
+         max_lr)
     if policy in CLR_MODES:
         need(is_int(step_size, 1), "step_size", f"positive integer (policy={policy})", step_size)
     if policy == "one_cycle":
