@@ -15,7 +15,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric
 
 from . import delivery, spool
-from .checks import is_int
+from .checks import is_int, need
 
 RETRY_FIRST, RETRY_CAP = 0.5, 5.0  # the writer's backoff between tries of one chunk (seconds)
 
@@ -56,8 +56,7 @@ class IterationLogger:
             if active is None:
                 raise ValueError("Expected run_id or an active MLflow run (mlflow.start_run()), but there is none")
             run_id = active.info.run_id
-        if not is_int(log_every, 1):
-            raise ValueError(f"Expected positive integer log_every, but got {log_every!r}")
+        need(is_int(log_every, 1), "log_every", "positive integer", log_every)
         self.run_id, self.prefix, self.log_every = run_id, prefix, log_every
         self.flush_every, self.flush_seconds, self.sync_every = flush_every, flush_seconds, sync_every
         self.client, self.close_timeout = client or MlflowClient(), close_timeout
@@ -70,10 +69,11 @@ class IterationLogger:
         self.queue: queue.SimpleQueue = queue.SimpleQueue()
         self.stopped = threading.Event()
         self.refused: BaseException | None = None  # the first write the store refused
-        # This logger's chunks the store has not taken: the spool's in_flight is the run's,
-        # shared with the range test's logger, whose leftovers are not this one's to report.
-        self.unsent: set[int] = set()  # by this logger's chunk number (the spool's token is 0 when it
-        self.chunks = itertools.count()  # cannot write, so it cannot tell chunks apart)
+        # This logger's chunks the store has not taken, by its own chunk number: the spool's
+        # in_flight is the run's (shared with the range test's logger, whose leftovers are not
+        # this one's to report), and its token is 0 for every chunk when it cannot write.
+        self.unsent: set[int] = set()
+        self.chunks = itertools.count()
         self.closed = False
         # Made here, not in the loop: the spool's folder and lock cost ~10 ms of file system
         # work once, and the thread's start hands it the GIL for a switch interval (5 ms).
