@@ -27,16 +27,17 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from clr_mlflow import data, lr_find  # noqa: E402
-from clr_mlflow.batches import Batches, channel_stats  # noqa: E402
-from clr_mlflow.curve import sweep_lrs  # noqa: E402
-from clr_mlflow.engine import NullSink, make_optimizer, seed_everything, use_fast_kernels  # noqa: E402
-from clr_mlflow.models import build_model  # noqa: E402
-from clr_mlflow.range_test import range_test  # noqa: E402
-from clr_mlflow.schedules import ScheduleLR, make_schedule  # noqa: E402
-from clr_mlflow.steps import CrossEntropy, Stepper, classification_eval  # noqa: E402
-from clr_mlflow.training import train  # noqa: E402
-from clr_mlflow.iteration_logger import IterationLogger  # noqa: E402
+from clr_mlflow.data import datasets as data  # noqa: E402
+from clr_mlflow import lr_find  # noqa: E402
+from clr_mlflow.data.batches import Batches, channel_stats  # noqa: E402
+from clr_mlflow.core.curve import sweep_lrs  # noqa: E402
+from clr_mlflow.core.engine import NullSink, make_optimizer, seed_everything, use_fast_kernels  # noqa: E402
+from clr_mlflow.data.models import build_model  # noqa: E402
+from clr_mlflow.core.range_test import range_test  # noqa: E402
+from clr_mlflow.core.schedules import ScheduleLR, make_schedule  # noqa: E402
+from clr_mlflow.core.steps import CrossEntropy, Stepper, classification_eval  # noqa: E402
+from clr_mlflow.core.training import train  # noqa: E402
+from clr_mlflow.tracking.iteration_logger import IterationLogger  # noqa: E402
 
 CPU = torch.device("cpu")
 CUDA = torch.device("cuda")
@@ -356,7 +357,7 @@ def bench_gpu_resnet18(full, store, repeats):
 
 def config_overrides(pairs: list[str]) -> dict:
     """KEY=VALUE strings -> typed values of clr-mlflow parameters."""
-    from clr_mlflow.review import config_values
+    from clr_mlflow.app.review import config_values
 
     given = dict(pair.partition("=")[::2] for pair in pairs)
     values = config_values(given)
@@ -369,8 +370,8 @@ def bench_gpu_fast(data_path: str, cache: Path, seeds: int, overrides: dict):
     """Row 5d: `clr-mlflow run --model fast` end to end (range test, then 10 epochs of one-cycle
     from its loss_edge bounds: one-cycle wants max_lr near the edge of divergence, where
     min_div10 is 10x lower), one warm-up run, then `seeds` seeds."""
-    from clr_mlflow.config import Config
-    from clr_mlflow.runner import execute
+    from clr_mlflow.app.config import Config
+    from clr_mlflow.app.runner import execute
 
     runs = []
     for seed in range(seeds + 1):
@@ -399,7 +400,7 @@ def bench_compare_read(store):
     from mlflow import MlflowClient
     from mlflow.entities import Metric
 
-    from clr_mlflow.review import compare_experiment
+    from clr_mlflow.app.review import compare_experiment
 
     store.mlflow.set_experiment("bench_compare")
     client = MlflowClient()
@@ -487,7 +488,7 @@ def write(rows, out: Path, command: str):
 def bench_checkpoint(ds, store, repeats):
     """Row 8: what the default checkpoint (every epoch end: torch.save through a renamed
     temporary file, then copied into the run's artifacts) costs a CPU training."""
-    from clr_mlflow.runner import checkpoint_writer
+    from clr_mlflow.app.runner import checkpoint_writer
 
     mean, std = channel_stats(ds.train)
     held = Batches(ds.test, 500, CPU, mean, std, False, 0, shuffle=False)

@@ -22,10 +22,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench import REPO, machine, tiny_mlp  # noqa: E402
 
-from clr_mlflow import data, lr_find  # noqa: E402
-from clr_mlflow.batches import Batches, channel_stats  # noqa: E402
-from clr_mlflow.engine import make_optimizer, seed_everything  # noqa: E402
-from clr_mlflow.models import build_model  # noqa: E402
+from clr_mlflow.data import datasets as data  # noqa: E402
+from clr_mlflow import lr_find  # noqa: E402
+from clr_mlflow.data.batches import Batches, channel_stats  # noqa: E402
+from clr_mlflow.core.engine import make_optimizer, seed_everything  # noqa: E402
+from clr_mlflow.data.models import build_model  # noqa: E402
 
 K, ITERS = 4, 100
 

@@ -2,7 +2,7 @@
 on PostgreSQL) versus a local SQLite file.
 
 For each store and repeat, one run receives 30,000 values through our buffer
-(`clr_mlflow.iteration_logger.IterationLogger`) the way the training loop
+(`clr_mlflow.IterationLogger`) the way the training loop
 sends them: `series(steps, {3 metrics})` calls of 8 iterations each (1,250 calls). Measured:
 
 - loop_us_per_value: time spent inside the `series` calls / 30,000: what the loop pays;
@@ -38,7 +38,7 @@ sys.path.insert(0, str(REPO))
 import mlflow  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
 
-from clr_mlflow.iteration_logger import IterationLogger  # noqa: E402
+from clr_mlflow.tracking.iteration_logger import IterationLogger  # noqa: E402
 from tests.servers import MlflowServer, PostgresServer, pg_bin_dir  # noqa: E402
 
 ITERS_PER_CALL = 8

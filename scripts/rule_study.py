@@ -26,8 +26,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
-from clr_mlflow.config import Config  # noqa: E402
-from clr_mlflow.runner import execute  # noqa: E402
+from clr_mlflow.app.config import Config  # noqa: E402
+from clr_mlflow.app.runner import execute  # noqa: E402
 
 LOSS_RULES = ("min_div10", "steepest", "loss_edge", "valley", "slide")
 POLICIES = ("triangular2", "one_cycle")

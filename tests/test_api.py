@@ -13,7 +13,7 @@ from mlflow import MlflowClient
 from torch import nn
 
 import clr_mlflow
-from clr_mlflow.curve import smooth, sweep_lrs
+from clr_mlflow.core.curve import smooth, sweep_lrs
 
 
 def history(run_id, key):
@@ -424,7 +424,7 @@ def test_the_readme_example_runs_as_written(tracking, tmp_path):
 def test_three_seeds_give_median_bounds_with_their_spread(tracking):
     from torch.utils.data import DataLoader
 
-    from clr_mlflow.bounds import bounds_frame, suggest_bounds
+    from clr_mlflow.core.bounds import bounds_frame, suggest_bounds
 
     def loss_fn(m, b):
         return F.mse_loss(m(b["features"]), b["target"])

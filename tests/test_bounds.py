@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from clr_mlflow.bounds import (RULES, accuracy, bounds_frame, loss_edge, min_div10, slide, steepest, suggest_bounds,
+from clr_mlflow.core.bounds import (RULES, accuracy, bounds_frame, loss_edge, min_div10, slide, steepest, suggest_bounds,
                                valley)
-from clr_mlflow.curve import smooth
+from clr_mlflow.core.curve import smooth
 
 LRS = np.geomspace(1e-5, 10, 601)  # 100 points per decade
 X = np.log10(LRS)

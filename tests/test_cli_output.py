@@ -13,8 +13,8 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from clr_mlflow.config import Config
-from clr_mlflow.runner import execute
+from clr_mlflow.app.config import Config
+from clr_mlflow.app.runner import execute
 from tests.conftest import REPO, use_store
 
 SMALL = dict(limit_train=640, limit_test=64, batch_size=32, device="cpu")

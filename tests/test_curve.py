@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from clr_mlflow.curve import DivergenceRule, EMASmoother, smooth, sweep_lrs
+from clr_mlflow.core.curve import DivergenceRule, EMASmoother, smooth, sweep_lrs
 
 
 def test_exp_sweep_is_geometric_with_exact_ends():

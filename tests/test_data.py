@@ -3,8 +3,8 @@ import pickle
 import numpy as np
 import pytest
 
-from clr_mlflow import data
-from clr_mlflow.data import DataError, balanced_subset
+from clr_mlflow.data import datasets as data
+from clr_mlflow.data.datasets import DataError, balanced_subset
 from tests.conftest import make_image_folder
 
 
@@ -132,7 +132,7 @@ def test_every_image_mode_decodes_to_its_8_bit_rgb_values(tmp_path):
 def test_wide_greyscale_modes_scale_from_16_bits():
     from PIL import Image
 
-    from clr_mlflow.data import _to_rgb
+    from clr_mlflow.data.datasets import _to_rgb
 
     big_endian = Image.frombytes("I;16B", (3, 1), np.array([0, 32896, 65535], dtype=">u2").tobytes())
     assert _to_rgb(big_endian).getpixel((1, 0)) == (128, 128, 128)

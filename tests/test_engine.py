@@ -4,13 +4,13 @@ import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
 
-from clr_mlflow import data
-from clr_mlflow.batches import Batches, channel_stats, crop_flip
-from clr_mlflow.curve import sweep_lrs
-from clr_mlflow.engine import make_optimizer, seed_everything
-from clr_mlflow.models import build_model, resnet18_cifar
-from clr_mlflow.range_test import range_test
-from clr_mlflow.steps import CrossEntropy, Stepper, classification_eval
+from clr_mlflow.data import datasets as data
+from clr_mlflow.data.batches import Batches, channel_stats, crop_flip
+from clr_mlflow.core.curve import sweep_lrs
+from clr_mlflow.core.engine import make_optimizer, seed_everything
+from clr_mlflow.data.models import build_model, resnet18_cifar
+from clr_mlflow.core.range_test import range_test
+from clr_mlflow.core.steps import CrossEntropy, Stepper, classification_eval
 
 
 def rt(model, opt, batches, lrs, **kw):
@@ -142,8 +142,8 @@ class Recorder:
 
 
 def test_chunked_host_transfer_reports_the_same_values_as_per_iteration(small):
-    from clr_mlflow.schedules import ScheduleLR, make_schedule
-    from clr_mlflow.training import train
+    from clr_mlflow.core.schedules import ScheduleLR, make_schedule
+    from clr_mlflow.core.training import train
 
     sent = []
     for sync in (1, 7):

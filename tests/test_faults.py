@@ -14,7 +14,8 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from clr_mlflow import checkpoint, spool
+from clr_mlflow.core import checkpoint
+from clr_mlflow.tracking import spool
 
 REPO = Path(__file__).resolve().parents[1]
 CLR_MLFLOW = str(Path(sys.executable).parent / "clr-mlflow")

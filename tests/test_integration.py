@@ -10,11 +10,11 @@ import pytest
 from mlflow import MlflowClient
 from PIL import Image
 
-from clr_mlflow.bounds import RULES
-from clr_mlflow.config import Config, ConfigError
-from clr_mlflow.curve import smooth
-from clr_mlflow.runner import execute
-from clr_mlflow.schedules import make_schedule
+from clr_mlflow.core.bounds import RULES
+from clr_mlflow.app.config import Config, ConfigError
+from clr_mlflow.core.curve import smooth
+from clr_mlflow.app.runner import execute
+from clr_mlflow.core.schedules import make_schedule
 from tests.conftest import use_store
 
 
@@ -191,7 +191,7 @@ def test_nan_free_numbers_in_the_summary(range_run):
 
 
 def test_a_diverging_training_keeps_everything_up_to_the_failure(store, base):
-    from clr_mlflow.training import TrainingDiverged
+    from clr_mlflow.core.training import TrainingDiverged
 
     cfg = Config(**base, limit_train=320, limit_test=100, policy="fixed", base_lr=5e5, max_lr=1e6, iterations=40,
                  experiment="it_fail")
@@ -207,8 +207,8 @@ def test_a_diverging_training_keeps_everything_up_to_the_failure(store, base):
 
 
 def test_validation_split_is_disjoint_class_balanced_and_seeded(cifar, data_dir):
-    from clr_mlflow import data
-    from clr_mlflow.loaders import split_validation
+    from clr_mlflow.data import datasets as data
+    from clr_mlflow.app.loaders import split_validation
 
     ds = data.load(str(cifar), data_dir, limit_train=1000, limit_test=100, seed=0)
     keep, val = split_validation(ds.train.y, 0.1, seed=0)

@@ -17,9 +17,10 @@ import pytest
 from mlflow import MlflowClient
 from servers import MlflowServer
 
-from clr_mlflow import delivery, spool
-from clr_mlflow.iteration_logger import IterationLogger
-from clr_mlflow.tracking import active_run, log_artifact_file, log_metrics, log_params, set_tags, undelivered
+from clr_mlflow.tracking import delivery
+from clr_mlflow.tracking import spool
+from clr_mlflow.tracking.iteration_logger import IterationLogger
+from clr_mlflow.tracking.runs import active_run, log_artifact_file, log_metrics, log_params, set_tags, undelivered
 
 CLR_MLFLOW = str(Path(sys.executable).parent / "clr-mlflow")
 
@@ -170,7 +171,7 @@ def test_sigkill_mid_training_keeps_all_but_the_last_seconds_and_sync_ends_the_r
 WRITER = """
 import os, sys
 import numpy as np
-from clr_mlflow import spool
+from clr_mlflow.tracking import spool
 sp = spool.acquire(sys.argv[1], sys.argv[2])
 for start in range(0, 40, 8):
     steps = np.arange(start, start + 8)

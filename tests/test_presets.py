@@ -3,10 +3,10 @@ import pytest
 import torch
 
 import clr_mlflow
-from clr_mlflow.config import Config
-from clr_mlflow.engine import make_optimizer
-from clr_mlflow.models import build_model
-from clr_mlflow.presets import apply_preset, param_groups
+from clr_mlflow.app.config import Config
+from clr_mlflow.core.engine import make_optimizer
+from clr_mlflow.data.models import build_model
+from clr_mlflow.app.presets import apply_preset, param_groups
 
 
 def test_smith2017_groups_follow_caffes_cifar10_full_prototxt():
@@ -46,7 +46,7 @@ def test_a_preset_leaves_the_bounds_to_bounds_from():
 
 def test_a_range_test_with_a_preset_always_tests(tracking, cifar, data_dir):
     """The preset's max_lr counts as given bounds for training, but range-test never skips its test."""
-    from clr_mlflow.runner import execute
+    from clr_mlflow.app.runner import execute
 
     cfg = Config(preset="smith2017_cifar10", data=str(cifar), data_dir=str(data_dir), limit_train=1200,
                  limit_test=100, batch_size=50, num_iters=20, lr_start=1e-4, lr_end=1.0, device="cpu",

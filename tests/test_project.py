@@ -10,8 +10,8 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from clr_mlflow.cli import option_name
-from clr_mlflow.config import COMMANDS, ENTRY_POINTS, Config
+from clr_mlflow.app.cli import option_name
+from clr_mlflow.app.config import COMMANDS, ENTRY_POINTS, Config
 from tests.conftest import REPO
 
 
@@ -43,7 +43,7 @@ def test_conda_env_lists_the_package_dependencies():
 
 
 def cli(*args, env=None, cwd=None):
-    return subprocess.run([sys.executable, "-m", "clr_mlflow.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "clr_mlflow.app.cli", *args], capture_output=True, text=True,
                           env=env, cwd=cwd, timeout=600)
 
 

@@ -7,11 +7,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from clr_mlflow import checkpoint, data
-from clr_mlflow.batches import Batches, channel_stats
-from clr_mlflow.schedules import ScheduleLR, make_schedule
-from clr_mlflow.steps import CrossEntropy, Stepper, classification_eval
-from clr_mlflow.training import train
+from clr_mlflow.core import checkpoint
+from clr_mlflow.data import datasets as data
+from clr_mlflow.data.batches import Batches, channel_stats
+from clr_mlflow.core.schedules import ScheduleLR, make_schedule
+from clr_mlflow.core.steps import CrossEntropy, Stepper, classification_eval
+from clr_mlflow.core.training import train
 
 TOTAL = 40
 

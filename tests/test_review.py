@@ -7,12 +7,12 @@ import pytest
 from mlflow import MlflowClient
 from PIL import Image
 
-from clr_mlflow.compare import iters_to_target, leaderboard
-from clr_mlflow.config import Config
-from clr_mlflow.history import NoRuns
-from clr_mlflow.presets import apply_preset
-from clr_mlflow.review import compare_experiment, config_of_run, reproduce
-from clr_mlflow.runner import execute
+from clr_mlflow.core.compare import iters_to_target, leaderboard
+from clr_mlflow.app.config import Config
+from clr_mlflow.tracking.history import NoRuns
+from clr_mlflow.app.presets import apply_preset
+from clr_mlflow.app.review import compare_experiment, config_of_run, reproduce
+from clr_mlflow.app.runner import execute
 from tests.conftest import use_store
 
 EXP = "review"
@@ -153,9 +153,9 @@ import shlex  # noqa: E402
 
 import pandas as pd  # noqa: E402
 
-from clr_mlflow import plots  # noqa: E402
-from clr_mlflow.compare import NOT_REACHED, display_board  # noqa: E402
-from clr_mlflow.review import config_values  # noqa: E402
+from clr_mlflow.core import plots  # noqa: E402
+from clr_mlflow.core.compare import NOT_REACHED, display_board  # noqa: E402
+from clr_mlflow.app.review import config_values  # noqa: E402
 
 AWKWARD = ["/data/my images", "/data/bob's", r"C:\data\imgs", "/d/a \"quoted\" $HOME `x` \\ end", ""]
 
@@ -176,7 +176,7 @@ def test_bools_parse_as_click_parsed_them(text, expected):
 
 
 def test_unparseable_params_name_the_param():
-    from clr_mlflow.config import ConfigError
+    from clr_mlflow.app.config import ConfigError
 
     with pytest.raises(ConfigError, match="augment"):
         config_values({"augment": "maybe"})
@@ -221,8 +221,8 @@ def test_reproduce_a_training_run_compares_its_training_curve_and_names_the_copy
 
 
 def test_a_differing_training_curve_names_its_first_differing_iteration(runs):
-    from clr_mlflow import history
-    from clr_mlflow.review import _same_curve
+    from clr_mlflow.tracking import history
+    from clr_mlflow.app.review import _same_curve
 
     a, b = runs["fixed"].run_id, runs["triangular"].run_id
     ca, cb = history.train_curve(a), history.train_curve(b)
@@ -268,7 +268,7 @@ def test_leaderboard_counts_are_integers_and_unreached_targets_say_so(runs):
 def test_compare_plots_label_runs_by_name_and_show_the_bands(runs):
     client = MlflowClient()
     names = {r.run_id: client.get_run(r.run_id).data.tags["mlflow.runName"] for r in runs.values()}
-    from clr_mlflow import history
+    from clr_mlflow.tracking import history
 
     rid = runs["range"].run_id
     curve = history.range_curve(rid)
@@ -308,7 +308,7 @@ def test_rule_styles_are_distinct_and_never_a_data_colour():
 def test_range_test_plot_marks_every_rule_and_keeps_raw_loss_in_view(runs):
     from matplotlib.colors import to_rgb
 
-    from clr_mlflow import history
+    from clr_mlflow.tracking import history
 
     rid = runs["range"].run_id
     curve = history.range_curve(rid)

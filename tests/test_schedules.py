@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from clr_mlflow.schedules import CyclicLR, Fixed, OneCycle, ScheduleLR, make_schedule
+from clr_mlflow.core.schedules import CyclicLR, Fixed, OneCycle, ScheduleLR, make_schedule
 
 
 def formula(t, base, top, step, mode, gamma=1.0):

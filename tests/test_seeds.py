@@ -22,9 +22,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import clr_mlflow
-from clr_mlflow import batched
-from clr_mlflow.curve import sweep_lrs
-from clr_mlflow.range_test import range_test, range_tests
+from clr_mlflow.core import batched
+from clr_mlflow.core.curve import sweep_lrs
+from clr_mlflow.core.range_test import range_test, range_tests
 
 ARGS = dict(num_iters=60, start_lr=1e-4, end_lr=10.0, bounds_rule="valley", track=False, progress=False)
 
@@ -106,10 +106,10 @@ def test_batched_seeds_equal_one_after_another_on_an_mlp(optimizer, generator, w
 
 
 def test_batched_small_cnn_with_batchnorm_on_cifar_batches(cifar, data_dir):
-    from clr_mlflow import data
-    from clr_mlflow.batches import Batches, channel_stats
-    from clr_mlflow.engine import make_optimizer, seed_everything
-    from clr_mlflow.models import small_cnn
+    from clr_mlflow.data import datasets as data
+    from clr_mlflow.data.batches import Batches, channel_stats
+    from clr_mlflow.core.engine import make_optimizer, seed_everything
+    from clr_mlflow.data.models import small_cnn
 
     ds = data.load(str(cifar), data_dir, limit_train=640, limit_test=100, seed=0)
     mean, std = channel_stats(ds.train)
@@ -241,7 +241,7 @@ def test_what_vmap_cannot_run_falls_back_in_auto_mode_and_raises_when_forced(cas
     monkeypatch.setattr(batched, "unsupported", lambda *a, **k: None)  # auto mode batching on the CPU
     model, opt, loader = setup()
     before = state_of(model, opt, loader)
-    with caplog.at_level(logging.INFO, logger="clr_mlflow.batched"):
+    with caplog.at_level(logging.INFO, logger="clr_mlflow.core.batched"):
         auto = clr_mlflow.lr_find(model, opt, loader, **args)
     assert "the batched step failed" in caplog.text  # it was tried, and fell back
     assert_same_state(before, state_of(model, opt, loader))

@@ -25,7 +25,7 @@ CLI_TIMEOUT = 600
 def clr_command() -> list[str]:
     """The installed console script next to this interpreter (as a user runs it)."""
     script = Path(sys.executable).with_name("clr-mlflow")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "clr_mlflow.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "clr_mlflow.app.cli"]
 
 
 def user_env(uri: str) -> dict[str, str]:
@@ -199,7 +199,7 @@ def test_processes_creating_one_new_experiment_at_once_all_land_in_it(mlflow_ser
     into it. MLflow's set_experiment returned to a loser without making the experiment
     active, so its run landed in Default (seen once in CI with eight range tests at once)."""
     n = 3
-    child = ("from clr_mlflow import tracking\n"
+    child = ("from clr_mlflow.tracking import runs as tracking\n"
              "with tracking.active_run('raced') as run:\n"
              "    print('landed', run.info.experiment_id, run.info.run_id)\n")
     with LookupBarrier(mlflow_server, n) as proxy:

@@ -10,9 +10,9 @@ import pytest
 from click.testing import CliRunner
 from mlflow import MlflowClient
 
-from clr_mlflow.config import Config, ConfigError
-from clr_mlflow.cli import sweep_cmd
-from clr_mlflow.sweep import INSTALL, parse_grid, sweep
+from clr_mlflow.app.config import Config, ConfigError
+from clr_mlflow.app.cli import sweep_cmd
+from clr_mlflow.app.sweep import INSTALL, parse_grid, sweep
 
 needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason='needs pip install "clr_mlflow[sweep]"')
 
@@ -116,7 +116,7 @@ def test_grid_values_are_typed_and_bad_input_stops_before_any_run(base):
 
 def test_without_ray_one_line_says_what_to_install(tmp_path):
     code = ("import sys; sys.modules['ray'] = None  # `import ray` now fails as if it were not installed\n"
-            "from clr_mlflow.cli import sweep_cmd\n"
+            "from clr_mlflow.app.cli import sweep_cmd\n"
             "sweep_cmd(['--policies', 'fixed'], prog_name='clr-mlflow sweep')\n")
     env = {"PATH": "/usr/bin:/bin", "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from clr_mlflow.iteration_logger import IterationLogger
+from clr_mlflow.tracking.iteration_logger import IterationLogger
 
 
 def history(run_id, key):

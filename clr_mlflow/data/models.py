@@ -95,7 +95,7 @@ MODELS = {"small_cnn": small_cnn, "resnet18": resnet18_cifar, "smith_cifar": smi
 
 def build_model(name: str, num_classes: int, image_size: int = 32) -> nn.Module:
     """One of MODELS, or a user's `module.path:callable(num_classes, image_size)`."""
-    from . import plugins
+    from clr_mlflow.data import plugins
 
     if plugins.is_plugin(name):
         return plugins.build_model(name, num_classes, image_size)

@@ -13,8 +13,8 @@ from dataclasses import fields
 
 import click
 
-from .config import COMMANDS, Config, ConfigError
-from .schedules import POLICIES
+from clr_mlflow.app.config import COMMANDS, Config, ConfigError
+from clr_mlflow.core.schedules import POLICIES
 
 CLICK_TYPES = {int: click.INT, float: click.FLOAT, bool: click.BOOL, str: click.STRING}
 
@@ -48,7 +48,7 @@ def stop_on_signals():
     """SIGTERM is handled like Ctrl-C: a KeyboardInterrupt, so buffers flush and the run
     ends KILLED. A second signal exits at once (one within a second of the first is the same
     stop, delivered twice). Yields the signals received."""
-    from .interrupts import is_echo
+    from clr_mlflow.core.interrupts import is_echo
 
     received: list[int] = []
     first_at = [0.0]
@@ -82,10 +82,11 @@ def guarded():
     Ctrl-C (the run ends KILLED, exit 130 / 143), a rejected input exit 2 (deleting the run
     `mlflow run` made for it), a training without bounds or diverging exit 1 — each a one-line
     message, never a traceback."""
-    from . import distributed, tracking
-    from .data import DataError
-    from .runner import NoBounds
-    from .training import TrainingDiverged
+    from clr_mlflow.core import distributed
+    from clr_mlflow.tracking import runs as tracking
+    from clr_mlflow.data.datasets import DataError
+    from clr_mlflow.app.runner import NoBounds
+    from clr_mlflow.core.training import TrainingDiverged
 
     with stop_on_signals() as received, contextlib.ExitStack() as stack:
         stack.callback(distributed.finish)  # torchrun: leave the process group (no-op otherwise)
@@ -100,7 +101,7 @@ def guarded():
             click.echo(f"Error: {e}", err=True)
             sys.exit(1)
         except KeyboardInterrupt:
-            from .runner import CHECKPOINTED
+            from clr_mlflow.app.runner import CHECKPOINTED
 
             signum = received[0] if received else signal.SIGINT
             run = tracking.last_run_id()
@@ -113,7 +114,7 @@ def guarded():
 
 
 def _execute(command: str, kwargs: dict) -> None:
-    from .runner import execute
+    from clr_mlflow.app.runner import execute
 
     with guarded():
         outcome = execute(Config(**kwargs), command)
@@ -135,7 +136,7 @@ def plural(n: int, word: str) -> str:
 def where_lines(run_id: str) -> list[str]:
     """Where to look at `run_id`: its experiment, and the `mlflow ui` command for the store
     in use with the run's page (or the run's page on a tracking server)."""
-    from .history import location
+    from clr_mlflow.tracking.history import location
 
     loc = location(run_id)
     lines = [f"experiment {loc.experiment!r} (id {loc.experiment_id}), store {loc.tracking_uri}"]
@@ -149,7 +150,7 @@ def where_lines(run_id: str) -> list[str]:
 def _echo_where(run_id: str | None) -> None:
     """Where to look at the run; nothing when the store did not take all of it (it may be
     away: the line about the spool, printed when the run ended, says what to do)."""
-    from . import tracking
+    from clr_mlflow.tracking import runs as tracking
 
     if run_id and tracking.undelivered(run_id) is None:
         for line in where_lines(run_id):
@@ -194,15 +195,15 @@ def compare_cmd(experiment: str, target_accuracy: float, log_run: bool) -> None:
     """Leaderboard of an experiment's runs: policy, bounds, accuracy, iterations to a target."""
     import pandas as pd
 
-    from .history import NoRuns
-    from .review import compare_experiment
+    from clr_mlflow.tracking.history import NoRuns
+    from clr_mlflow.app.review import compare_experiment
 
     try:
         result = compare_experiment(experiment, target_accuracy, log_run)
     except NoRuns as e:
         click.echo(f"Error: {e}", err=True)
         sys.exit(1)
-    from .compare import display_board
+    from clr_mlflow.core.compare import display_board
 
     with pd.option_context("display.width", 250, "display.max_columns", 20):
         click.echo(display_board(result.board, result.target).to_string(index=False))
@@ -221,7 +222,7 @@ def reproduce_cmd(run_id: str) -> None:
     and training curves."""
     import pandas as pd
 
-    from .review import reproduce
+    from clr_mlflow.app.review import reproduce
 
     with guarded():
         rep = reproduce(run_id)
@@ -242,7 +243,7 @@ def reproduce_cmd(run_id: str) -> None:
 def resume_cmd(run_id: str) -> None:
     """Continue an interrupted training in the same run, from its checkpoint
     (train/checkpoint.pt): the series go on at the next step, and it ends FINISHED."""
-    from .resume import resume
+    from clr_mlflow.app.resume import resume
 
     with guarded():
         outcome = resume(run_id)
@@ -255,7 +256,7 @@ def resume_cmd(run_id: str) -> None:
 def sync_cmd(path: str) -> None:
     """Send what a run could not deliver to its tracking store (a spool folder, or the spool
     root for every run in it): metrics, artifacts, the model and the run's end status."""
-    from . import spool
+    from clr_mlflow.tracking import spool
 
     try:
         click.echo(spool.sync(path))
@@ -288,8 +289,8 @@ def sweep_cmd(policies, bounds_rules, seed_list, grid, ray_address, cpus_per_tri
     Tune trials, each an MLflow run under one parent run that gets the leaderboard."""
     import pandas as pd
 
-    from .compare import display_board
-    from .sweep import SweepError, _csv, _ray, parse_grid, sweep
+    from clr_mlflow.core.compare import display_board
+    from clr_mlflow.app.sweep import SweepError, _csv, _ray, parse_grid, sweep
 
     with guarded():
         try:
@@ -317,14 +318,14 @@ sweep_cmd.params = [p for p in sweep_cmd.params if p.name not in ("policy", "bou
 def run_cli(prog_name: str = "clr-mlflow") -> None:
     """The console script: `main`, with a usage error (a bad option value, an unknown option)
     also deleting the run `mlflow run` made for it: a rejected input is not a result."""
-    from . import tracking
+    from clr_mlflow.tracking import runs as tracking
 
     tracking.bounded_http_retries()  # one call to a store that went away fails in seconds, not minutes
     try:
         code = main.main(prog_name=prog_name, standalone_mode=False)
     except click.ClickException as e:
         if os.environ.get("MLFLOW_RUN_ID"):
-            from . import tracking
+            from clr_mlflow.tracking import runs as tracking
 
             tracking.delete_run(os.environ["MLFLOW_RUN_ID"])
         e.show()

@@ -8,12 +8,12 @@ import math
 from dataclasses import dataclass, field, fields
 from functools import partial
 
-from . import plugins
-from .checks import need
-from .bounds import RULES
-from .curve import SWEEPS
-from .models import MODELS
-from .schedules import POLICIES
+from clr_mlflow.data import plugins
+from clr_mlflow.core.checks import need
+from clr_mlflow.core.bounds import RULES
+from clr_mlflow.core.curve import SWEEPS
+from clr_mlflow.data.models import MODELS
+from clr_mlflow.core.schedules import POLICIES
 
 OPTIMIZERS = ("sgd", "adamw")
 DEVICES = ("auto", "cpu", "cuda")

@@ -15,8 +15,9 @@ from mlflow.data.http_dataset_source import HTTPDatasetSource
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.data.sources import LocalArtifactDatasetSource
 
-from . import delivery, tracking
-from .delivery import Replay, replayer
+from clr_mlflow.tracking import delivery
+from clr_mlflow.tracking import runs as tracking
+from clr_mlflow.tracking.delivery import Replay, replayer
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"  # what torchvision downloads
 
@@ -61,7 +62,7 @@ def _model_args(cpu_model: torch.nn.Module, x: torch.Tensor) -> dict:
         serialization_format="pickle",  # loads back as the nn.Module (pt2 gives an exported graph)
         # Naming the requirements skips MLflow's import tracing, which costs seconds.
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"],
-        code_paths=[str(Path(__file__).parent)])
+        code_paths=[str(Path(__file__).parents[1])])  # the whole clr_mlflow package
 
 
 def log_model(model: torch.nn.Module, example: torch.Tensor) -> str | None:

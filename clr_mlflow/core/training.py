@@ -12,11 +12,11 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from . import checkpoint
-from .curve import EMASmoother
-from .engine import NullSink, Sink
-from .interrupts import held_signals
-from .steps import Evaluator, Stepper, evaluate
+from clr_mlflow.core import checkpoint
+from clr_mlflow.core.curve import EMASmoother
+from clr_mlflow.core.engine import NullSink, Sink
+from clr_mlflow.core.interrupts import held_signals
+from clr_mlflow.core.steps import Evaluator, Stepper, evaluate
 
 # Losses reach the host every SYNC_EVERY iterations (one GPU sync per chunk, not per step).
 SYNC_EVERY = 64

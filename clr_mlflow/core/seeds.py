@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .bounds import spread_frame
-from .engine import Sink, Snapshot, data_generator
-from .range_test import RangeTestResult
+from clr_mlflow.core.bounds import spread_frame
+from clr_mlflow.core.engine import Sink, Snapshot, data_generator
+from clr_mlflow.core.range_test import RangeTestResult
 
 
 def reseed(model: nn.Module, loader: Iterable, seed: int) -> None:

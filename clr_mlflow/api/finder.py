@@ -11,15 +11,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import batched, distributed, tracking
-from .bounds import RULES
-from .checks import is_finite, is_int, need
-from .curve import SWEEPS, sweep_lrs
-from .engine import NullSink, Snapshot
-from .iteration_logger import IterationLogger
-from .range_test import RangeTestResult, range_test
-from .seeds import combine, run_seeds
-from .steps import CrossEntropy, LossFn, Stepper, classification_eval, inputs_and_targets, metric_eval, \
+from clr_mlflow.core import batched
+from clr_mlflow.core import distributed
+from clr_mlflow.tracking import runs as tracking
+from clr_mlflow.core.bounds import RULES
+from clr_mlflow.core.checks import is_finite, is_int, need
+from clr_mlflow.core.curve import SWEEPS, sweep_lrs
+from clr_mlflow.core.engine import NullSink, Snapshot
+from clr_mlflow.tracking.iteration_logger import IterationLogger
+from clr_mlflow.core.range_test import RangeTestResult, range_test
+from clr_mlflow.core.seeds import combine, run_seeds
+from clr_mlflow.core.steps import CrossEntropy, LossFn, Stepper, classification_eval, inputs_and_targets, metric_eval, \
     model_device
 
 MIN_STEPS = 10           # a loader shorter than this many optimizer steps cannot show a curve

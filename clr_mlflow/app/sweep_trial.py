@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from .config import COMMANDS, Config, ConfigError
+from clr_mlflow.app.config import COMMANDS, Config, ConfigError
 
 PARENT, TRIAL, SETTING = "mlflow.parentRunId", "clr_mlflow.sweep.trial", "clr_mlflow.sweep.setting"
 OUTCOME, ERROR = "clr_mlflow.sweep.outcome", "clr_mlflow.error"  # outcome: finished, failed or early_stopped
@@ -24,8 +24,8 @@ def run_trial(config: dict) -> None:
     has a run to say so; `execute` then logs into it, as into a run `mlflow run` hands over."""
     from ray import tune
 
-    from . import tracking
-    from .runner import execute
+    from clr_mlflow.tracking import runs as tracking
+    from clr_mlflow.app.runner import execute
 
     spec = config["trial"]
     enter(spec)
@@ -63,7 +63,7 @@ class _Failed(Exception):
 def close_runs(specs, run_ids, outcomes, errors) -> None:
     """End trials' runs tagged with their outcome: FINISHED, or FAILED with the error (a new
     run for a trial that made none). tracking tags only the active run: each is resumed."""
-    from . import tracking
+    from clr_mlflow.tracking import runs as tracking
 
     enter(specs[0])
     for spec, run_id, outcome, error in zip(specs, run_ids, outcomes, errors):

@@ -11,9 +11,11 @@ import click
 import numpy as np
 import pandas as pd
 
-from . import history, plots, tracking
-from .compare import leaderboard, verdict
-from .config import ENTRY_POINTS, RANGE, Config, ConfigError
+from clr_mlflow.tracking import history
+from clr_mlflow.core import plots
+from clr_mlflow.tracking import runs as tracking
+from clr_mlflow.core.compare import leaderboard, verdict
+from clr_mlflow.app.config import ENTRY_POINTS, RANGE, Config, ConfigError
 
 KEY_METRICS = ["bounds/base_lr", "bounds/max_lr", "range_test/iterations", "val/best_accuracy", "test/accuracy",
                "test/loss", "test/best_accuracy", "time/range_test_seconds", "time/train_seconds"]
@@ -164,7 +166,7 @@ def reproduce(run_id: str) -> Reproduction:
     """Run again with exactly `run_id`'s params into its experiment, named after it and
     tagged clr_mlflow.reproduces=run_id, and compare the key metrics and the full range-test
     and training curves (the curve.csv artifacts)."""
-    from .runner import execute
+    from clr_mlflow.app.runner import execute
 
     try:
         run = history.run_record(run_id)

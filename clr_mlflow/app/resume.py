@@ -5,10 +5,13 @@ from __future__ import annotations
 import os
 import tempfile
 
-from . import checkpoint, history, spool, tracking
-from .config import ConfigError
-from .review import MLFLOW_RUN_TAG, config_of_run, run_command
-from .runner import Outcome, Resumption, execute
+from clr_mlflow.core import checkpoint
+from clr_mlflow.tracking import history
+from clr_mlflow.tracking import spool
+from clr_mlflow.tracking import runs as tracking
+from clr_mlflow.app.config import ConfigError
+from clr_mlflow.app.review import MLFLOW_RUN_TAG, config_of_run, run_command
+from clr_mlflow.app.runner import Outcome, Resumption, execute
 
 
 def resume(run_id: str) -> Outcome:

@@ -14,8 +14,9 @@ import torch
 from mlflow import MlflowClient
 from mlflow.entities import Metric
 
-from . import delivery, spool
-from .checks import is_int, need
+from clr_mlflow.tracking import delivery
+from clr_mlflow.tracking import spool
+from clr_mlflow.core.checks import is_int, need
 
 RETRY_FIRST, RETRY_CAP = 0.5, 5.0  # the writer's backoff between tries of one chunk (seconds)
 

@@ -15,18 +15,24 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import assets, checkpoint, distributed, history, plots, plugins, tracking
-from .config import COMMANDS, RANGE, TRAIN, Config, ConfigError, validate
-from .engine import NullSink, make_optimizer, pick_device, seed_everything, use_fast_kernels
-from .finder import MIN_STEPS, lr_find
-from .iteration_logger import IterationLogger
-from .loaders import Loaders, load_loaders
-from .models import build_model
-from .presets import apply_preset, param_groups
-from .range_test import RangeTestResult
-from .schedules import CLR_MODES, CyclicLR, ScheduleLR, make_schedule
-from .steps import CrossEntropy, Stepper, classification_eval, evaluate
-from .training import TrainResult, train
+from clr_mlflow.tracking import assets
+from clr_mlflow.core import checkpoint
+from clr_mlflow.core import distributed
+from clr_mlflow.tracking import history
+from clr_mlflow.core import plots
+from clr_mlflow.data import plugins
+from clr_mlflow.tracking import runs as tracking
+from clr_mlflow.app.config import COMMANDS, RANGE, TRAIN, Config, ConfigError, validate
+from clr_mlflow.core.engine import NullSink, make_optimizer, pick_device, seed_everything, use_fast_kernels
+from clr_mlflow.api.finder import MIN_STEPS, lr_find
+from clr_mlflow.tracking.iteration_logger import IterationLogger
+from clr_mlflow.app.loaders import Loaders, load_loaders
+from clr_mlflow.data.models import build_model
+from clr_mlflow.app.presets import apply_preset, param_groups
+from clr_mlflow.core.range_test import RangeTestResult
+from clr_mlflow.core.schedules import CLR_MODES, CyclicLR, ScheduleLR, make_schedule
+from clr_mlflow.core.steps import CrossEntropy, Stepper, classification_eval, evaluate
+from clr_mlflow.core.training import TrainResult, train
 
 
 @dataclass(frozen=True)

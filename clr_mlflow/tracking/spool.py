@@ -45,7 +45,7 @@ def short(error: BaseException) -> str:
 
 def _absolute_uri(uri: str) -> str:
     """A relative SQLite or file store made absolute, so `sync` finds it from anywhere."""
-    from .history import absolute_store_uri  # history imports tracking, which imports us
+    from clr_mlflow.tracking.history import absolute_store_uri  # history imports tracking, which imports us
 
     return absolute_store_uri(uri)
 
@@ -363,7 +363,7 @@ def sync(path: str | Path, tracking_uri: str | None = None) -> str:
         except BlockingIOError:
             raise SyncError(f"{path} is in use by a live process (pid {meta.get('pid', '?')}): it sends the spool "
                             "itself; sync once it has ended") from None
-        from . import delivery
+        from clr_mlflow.tracking import delivery
 
         why = delivery.unreachable(uri)
         if why:

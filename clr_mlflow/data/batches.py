@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from .data import Split
+from clr_mlflow.data.datasets import Split
 
 PAD = 4  # CIFAR's standard augmentation: random crop of the image padded by 4, and a flip
 

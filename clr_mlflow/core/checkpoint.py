@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .engine import data_generator
+from clr_mlflow.core.engine import data_generator
 
 FORMAT = 1
 FILE = "checkpoint.pt"

@@ -37,10 +37,10 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
-from .engine import Sink, data_generator
-from .range_test import RangeTestResult, range_tests
-from .seeds import RunAll, SeedStart
-from .steps import CrossEntropy, LossFn, autocast, cycle, inputs_and_targets, to_device
+from clr_mlflow.core.engine import Sink, data_generator
+from clr_mlflow.core.range_test import RangeTestResult, range_tests
+from clr_mlflow.core.seeds import RunAll, SeedStart
+from clr_mlflow.core.steps import CrossEntropy, LossFn, autocast, cycle, inputs_and_targets, to_device
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import pandas as pd
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from .tracking import BOUNDS_TABLE
+from clr_mlflow.tracking.runs import BOUNDS_TABLE
 
 
 BOUNDS_COLUMNS = ["rule", "base_lr", "max_lr", "selected", "note", "run_id"]

@@ -14,7 +14,7 @@ import numpy as np
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
-from .checks import is_finite, is_int, need
+from clr_mlflow.core.checks import is_finite, is_int, need
 
 POLICIES = ("triangular", "triangular2", "exp_range", "one_cycle", "fixed")
 CLR_MODES = ("triangular", "triangular2", "exp_range")

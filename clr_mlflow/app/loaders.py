@@ -15,10 +15,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from . import data as data_mod
-from . import plugins
-from .batches import Batches, channel_stats
-from .config import Config, ConfigError
+from clr_mlflow.data import datasets as data_mod
+from clr_mlflow.data import plugins
+from clr_mlflow.data.batches import Batches, channel_stats
+from clr_mlflow.app.config import Config, ConfigError
 
 
 @dataclass(frozen=True)

@@ -26,8 +26,8 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
-from . import spool
-from .spool import SyncError, short
+from clr_mlflow.tracking import spool
+from clr_mlflow.tracking.spool import SyncError, short
 
 # One MLflow HTTP call against a dead server: ~3 s (refused), ~35 s at worst (no answer),
 # instead of MLflow's default of minutes (7 retries, backoff factor 2, 120 s timeout).
@@ -255,7 +255,7 @@ def _using_tracking_uri(uri: str):
 def replay(folder: Path, run_id: str, uri: str) -> str:
     """Send a spool's journal in order, skipping what the store has; the status last: the
     journal's, else KILLED for a run the store still has RUNNING (its writer died)."""
-    from . import assets  # noqa: F401 - registers the model and inputs replayers
+    from clr_mlflow.tracking import assets  # noqa: F401 - registers the model and inputs replayers
 
     entries = spool.read_journal(folder)
     with _using_tracking_uri(uri):

@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import plugins
-from .config import COMMANDS, RANGE, Config, ConfigError, validate
-from .presets import apply_preset
-from .sweep_trial import ERROR, METRIC, OUTCOME, PARENT, SETTING, TRIAL, close_runs, run_trial
+from clr_mlflow.data import plugins
+from clr_mlflow.app.config import COMMANDS, RANGE, Config, ConfigError, validate
+from clr_mlflow.app.presets import apply_preset
+from clr_mlflow.app.sweep_trial import ERROR, METRIC, OUTCOME, PARENT, SETTING, TRIAL, close_runs, run_trial
 
 INSTALL = 'pip install "clr_mlflow[sweep]"'
 LISTED = {"policy": "--policies", "bounds_rule": "--bounds-rules", "seed": "--seeds"}  # the sweep's own lists
@@ -57,7 +57,7 @@ def parse_grid(items) -> dict[str, list]:
 def typed_grid(grid: dict) -> dict[str, list]:
     """Values typed as Config declares them (strings through review.config_values, the path
     params take back to a Config); a key the sweep sets otherwise is a ConfigError."""
-    from .review import config_values
+    from clr_mlflow.app.review import config_values
 
     hints = typing.get_type_hints(Config)
     for key, values in grid.items():
@@ -108,7 +108,7 @@ class SweepResult:
         return int((self.trials["outcome"] == outcome).sum())
 
     def summary(self) -> str:
-        from .cli import plural
+        from clr_mlflow.app.cli import plural
 
         parts = [f"sweep run {self.run_id}"]
         for command, word in (("range-test", "range test"), ("train", "training")):
@@ -129,7 +129,8 @@ def sweep(base: Config, grid: dict[str, list], policies: list[str], bounds_rules
     policies, rules, seeds = (list(dict.fromkeys(x)) for x in (policies, bounds_rules, seeds))
     grid, base = typed_grid(grid), replace(base, experiment=experiment or base.experiment)
     combos = settings(base, grid, policies, rules, seeds)
-    from . import history, tracking
+    from clr_mlflow.tracking import history
+    from clr_mlflow.tracking import runs as tracking
 
     started = _start_ray(ray, ray_address)
     try:
@@ -304,7 +305,7 @@ def _tag(runs: pd.DataFrame, tag: str) -> pd.Series:
 
 
 def _children(experiment: str, parent: str) -> pd.DataFrame:
-    from .history import NoRuns, experiment_runs
+    from clr_mlflow.tracking.history import NoRuns, experiment_runs
 
     try:
         runs = experiment_runs(experiment)[1]
@@ -315,8 +316,10 @@ def _children(experiment: str, parent: str) -> pd.DataFrame:
 
 def _log_comparison(experiment: str, experiment_id: str, parent: str, trials: pd.DataFrame):
     """compare_experiment's leaderboard and plots, of this sweep's runs only, into the parent."""
-    from . import history, plots, tracking
-    from .compare import leaderboard, verdict
+    from clr_mlflow.tracking import history
+    from clr_mlflow.core import plots
+    from clr_mlflow.tracking import runs as tracking
+    from clr_mlflow.core.compare import leaderboard, verdict
 
     runs = _children(experiment, parent)
     kind = _tag(runs, "clr_mlflow.kind")

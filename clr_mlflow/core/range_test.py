@@ -12,10 +12,10 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .bounds import bounds_frame, suggest_bounds
-from .curve import DivergenceRule, EMASmoother
-from .engine import NullSink, Sink, Snapshot
-from .steps import Evaluator, Stepper, cycle, evaluate
+from clr_mlflow.core.bounds import bounds_frame, suggest_bounds
+from clr_mlflow.core.curve import DivergenceRule, EMASmoother
+from clr_mlflow.core.engine import NullSink, Sink, Snapshot
+from clr_mlflow.core.steps import Evaluator, Stepper, cycle, evaluate
 
 # Losses come to the host every SYNC_EVERY steps: the divergence stop then reacts at most
 # SYNC_EVERY - 1 steps late. The recorded curve is the same for any value (it is cut at the
@@ -104,7 +104,7 @@ class RangeTestResult:
         """The range-test figure (loss and smoothed loss vs lr, the bounds of every rule; with
         several seeds the median curve, its min-max band and each rule's spread), the same
         as the run's range_test/curve.png."""
-        from .plots import range_test_figure
+        from clr_mlflow.core.plots import range_test_figure
 
         bounds = self.bounds if self.bounds is not None else pd.DataFrame(
             columns=["rule", "base_lr", "max_lr", "selected", "note"])

@@ -6,7 +6,7 @@ from dataclasses import fields, replace
 
 from torch import nn
 
-from .config import Config, ConfigError
+from clr_mlflow.app.config import Config, ConfigError
 
 # Smith (2017), "Cyclical Learning Rates for Training Neural Networks", section 4.1.1 and
 # Table 1: Caffe's CIFAR-10 "full" network, batch 100 (500 iterations an epoch), step size

@@ -21,7 +21,8 @@ import torch
 from mlflow import MlflowClient
 from mlflow.entities import Metric
 
-from . import delivery, spool
+from clr_mlflow.tracking import delivery
+from clr_mlflow.tracking import spool
 
 BOUNDS_TABLE = "range_test/bounds.json"
 
@@ -147,7 +148,7 @@ def git_commit() -> str:
 
 
 def provenance_tags(device: str) -> dict[str, str]:
-    from . import __version__
+    from clr_mlflow import __version__
 
     return {
         "clr_mlflow.version": __version__,

@@ -1,0 +1,1 @@
+"""The public library API built from core and tracking: lr_find."""

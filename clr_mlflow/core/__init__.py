@@ -1,0 +1,1 @@
+"""Math and loops: schedules, curves, rules, the step, the range-test and training loops, checkpoints. torch and numpy (pandas/matplotlib only inside the functions that draw or tabulate); never mlflow."""
