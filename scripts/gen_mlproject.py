@@ -67,7 +67,7 @@ def _parameter(f, hints) -> str:
 SWEEP = {"policies": ("string", f'"{",".join(POLICIES)}"'), "bounds_rules": ("string", "loss_edge"),
          "seeds": ("string", '"0"'), "grid": ("string", '""'), "ray_address": ("string", '""'),
          "cpus_per_trial": ("float", 1), "gpus_per_trial": ("float", 0), "max_concurrent": ("int", 0),
-         "early_stop": ("string", "false")}
+         "max_trials": ("int", 1000), "early_stop": ("string", "false")}
 SWEEP_REPLACES = ("policy", "bounds_rule", "seed", "seeds")
 
 

@@ -10,9 +10,11 @@ import sys
 import time
 import typing
 from dataclasses import fields
+from typing import NoReturn
 
 import click
 
+from clr_mlflow.app.args import MAX_TRIALS, csv_list, plural, run_id as checked_run_id
 from clr_mlflow.app.config import COMMANDS, Config, ConfigError
 from clr_mlflow.core.schedules import POLICIES
 
@@ -30,6 +32,21 @@ def _finite(ctx, param, value):
     return value
 
 
+def _run_id(ctx, param, value):
+    """A run id argument or option: 32 lowercase hex characters, never a pattern ('' for an
+    option left out)."""
+    if value == "" and param.param_type_name == "option":
+        return value
+    name = param.human_readable_name if param.param_type_name == "argument" else param.name
+    try:
+        return checked_run_id(value, name)
+    except ConfigError as e:
+        raise click.UsageError(str(e)) from None
+
+
+RUN_ID_OPTIONS = {"bounds_from"}  # Config fields that hold a run id
+
+
 def _with_config_options(phases: tuple[str, ...]):
     hints = typing.get_type_hints(Config)
 
@@ -37,10 +54,37 @@ def _with_config_options(phases: tuple[str, ...]):
         for f in reversed([f for f in fields(Config) if f.name in Config.names(phases)]):
             kind = CLICK_TYPES[hints[f.name]]
             fn = click.option(option_name(f.name), f.name, type=kind, default=f.default, show_default=True,
-                              help=f.metadata["help"])(fn)
+                              help=f.metadata["help"], callback=_run_id if f.name in RUN_ID_OPTIONS else None)(fn)
         return fn
 
     return decorate
+
+
+ALLOW_PLUGINS = click.option("--allow-plugins", is_flag=True, default=False,
+                             help="import the model/data plug-in (module:callable) the run's params name; "
+                                  "refused without it")
+
+
+class _Rejected(Exception):
+    pass
+
+
+def reject(message: str, code: int = 2) -> NoReturn:
+    """A rejected input: one line, exit `code`, before anything is written. Inside `mlflow
+    run` the run it made for this command ends FAILED, tagged clr_mlflow.kind=rejected with
+    the line as its description (compare skips it): MLflow's project runner then says in one
+    line that the run failed, where a run deleted under it made it print a traceback."""
+    made = os.environ.get("MLFLOW_RUN_ID")
+    if made:
+        from clr_mlflow.app.review import REJECTED
+        from clr_mlflow.tracking import runs as tracking
+
+        with contextlib.suppress(Exception):  # the store's own trouble is not this line's
+            with tracking.active_run("", run_id=made):
+                tracking.set_tags({"clr_mlflow.kind": REJECTED, "mlflow.note.content": message})
+                raise _Rejected
+    click.echo(f"Error: {message}", err=True)
+    sys.exit(code)
 
 
 @contextlib.contextmanager
@@ -79,9 +123,9 @@ def stop_on_signals():
 @contextlib.contextmanager
 def guarded():
     """What every command that runs a range test or a training shares: SIGTERM handled like
-    Ctrl-C (the run ends KILLED, exit 130 / 143), a rejected input exit 2 (deleting the run
-    `mlflow run` made for it), a training without bounds or diverging exit 1 — each a one-line
-    message, never a traceback."""
+    Ctrl-C (the run ends KILLED, exit 130 / 143), a rejected input exit 2 (`reject`: the run
+    `mlflow run` made for it ends FAILED, tagged rejected), a training without bounds or
+    diverging exit 1 — each a one-line message, never a traceback."""
     from clr_mlflow.core import distributed
     from clr_mlflow.tracking import runs as tracking
     from clr_mlflow.data.datasets import DataError
@@ -93,10 +137,7 @@ def guarded():
         try:
             yield
         except (ConfigError, DataError) as e:
-            if os.environ.get("MLFLOW_RUN_ID"):  # `mlflow run` made a run: a rejected input is no result
-                tracking.delete_run(os.environ["MLFLOW_RUN_ID"])
-            click.echo(f"Error: {e}", err=True)
-            sys.exit(2)
+            reject(str(e))
         except (NoBounds, TrainingDiverged) as e:
             click.echo(f"Error: {e}", err=True)
             sys.exit(1)
@@ -129,10 +170,6 @@ def _execute(command: str, kwargs: dict) -> None:
     click.echo(outcome.summary())  # last line: "run <id> | ..."
 
 
-def plural(n: int, word: str) -> str:
-    return f"{n} {word}" if n == 1 else f"{n} {word}s"
-
-
 def where_lines(run_id: str) -> list[str]:
     """Where to look at `run_id`: its experiment, and the `mlflow ui` command for the store
     in use with the run's page (or the run's page on a tracking server)."""
@@ -157,7 +194,23 @@ def _echo_where(run_id: str | None) -> None:
             click.echo(line)
 
 
-@click.group()
+class _OneLineErrors(click.Group):
+    """click's usage errors (a bad option value, an unknown option) as one line, exit 2,
+    through `reject`: the same line whether the console script, `python -m`, `mlflow run`
+    or click's CliRunner calls the group."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.ClickException as e:
+            reject(e.format_message(), e.exit_code)
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+@click.group(cls=_OneLineErrors)
 @click.version_option(package_name="clr_mlflow")
 def main() -> None:
     """LR range test and cyclical learning rates, tracked in MLflow."""
@@ -200,6 +253,8 @@ def compare_cmd(experiment: str, target_accuracy: float, log_run: bool) -> None:
 
     try:
         result = compare_experiment(experiment, target_accuracy, log_run)
+    except ConfigError as e:  # the store is not there
+        reject(str(e))
     except NoRuns as e:
         click.echo(f"Error: {e}", err=True)
         sys.exit(1)
@@ -216,8 +271,9 @@ def compare_cmd(experiment: str, target_accuracy: float, log_run: bool) -> None:
 
 
 @main.command("reproduce")
-@click.argument("run_id")
-def reproduce_cmd(run_id: str) -> None:
+@click.argument("run_id", callback=_run_id)
+@ALLOW_PLUGINS
+def reproduce_cmd(run_id: str, allow_plugins: bool) -> None:
     """Run RUN_ID again with exactly its params; compare key metrics and the full range-test
     and training curves."""
     import pandas as pd
@@ -225,7 +281,7 @@ def reproduce_cmd(run_id: str) -> None:
     from clr_mlflow.app.review import reproduce
 
     with guarded():
-        rep = reproduce(run_id)
+        rep = reproduce(run_id, allow_plugins)
     for w in rep.warnings:
         click.echo(f"warning: {w}", err=True)
     with pd.option_context("display.width", 200, "display.float_format", "{:.6g}".format):
@@ -239,14 +295,16 @@ def reproduce_cmd(run_id: str) -> None:
 
 
 @main.command("resume")
-@click.argument("run_id")
-def resume_cmd(run_id: str) -> None:
+@click.argument("run_id", callback=_run_id)
+@ALLOW_PLUGINS
+def resume_cmd(run_id: str, allow_plugins: bool) -> None:
     """Continue an interrupted training in the same run, from its checkpoint
-    (train/checkpoint.pt): the series go on at the next step, and it ends FINISHED."""
+    (train/checkpoint.pt): the series go on at the next step, and it ends FINISHED. One
+    process at a time: a second resume of the run is refused while the first holds its lease."""
     from clr_mlflow.app.resume import resume
 
     with guarded():
-        outcome = resume(run_id)
+        outcome = resume(run_id, allow_plugins)
     _echo_where(outcome.run_id)
     click.echo(outcome.summary())
 
@@ -280,28 +338,29 @@ def sync_cmd(path: str) -> None:
 @click.option("--gpus-per-trial", type=click.FloatRange(0), default=0.0, show_default=True, callback=_finite)
 @click.option("--max-concurrent", type=click.IntRange(0), default=0, show_default=True,
               help="trials at once (0: as many as the resources allow)")
+@click.option("--max-trials", type=click.IntRange(1), default=MAX_TRIALS, show_default=True,
+              help="refuse a sweep of more trials than this (a larger grid is more often a typo than a plan)")
 @click.option("--early-stop/--no-early-stop", default=False, show_default=True,
               help="stop trainings that trail at an epoch (Tune's ASHA on val/accuracy)")
 @_with_config_options(COMMANDS["run"])
 def sweep_cmd(policies, bounds_rules, seed_list, grid, ray_address, cpus_per_trial, gpus_per_trial, max_concurrent,
-              early_stop, **kwargs) -> None:
+              max_trials, early_stop, **kwargs) -> None:
     """Range tests and trainings over policies x bounds rules x seeds x --grid values, as Ray
     Tune trials, each an MLflow run under one parent run that gets the leaderboard."""
     import pandas as pd
 
     from clr_mlflow.core.compare import display_board
-    from clr_mlflow.app.sweep import SweepError, _csv, _ray, parse_grid, sweep
+    from clr_mlflow.app.sweep import SweepError, parse_grid, ray_modules, sweep
 
     with guarded():
         try:
-            _ray()
-            result = sweep(Config(**kwargs), parse_grid(grid), _csv(policies), _csv(bounds_rules),
-                           _csv(seed_list, int, "--seeds"), ray_address=ray_address or None,
+            ray_modules()
+            result = sweep(Config(**kwargs), parse_grid(grid), csv_list(policies), csv_list(bounds_rules),
+                           csv_list(seed_list, int, "--seeds"), ray_address=ray_address or None,
                            cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial,
-                           max_concurrent=max_concurrent or None, early_stop=early_stop)
+                           max_concurrent=max_concurrent or None, early_stop=early_stop, max_trials=max_trials)
         except SweepError as e:
-            click.echo(f"Error: {e}", err=True)
-            sys.exit(1)
+            reject(str(e), 1)
     with pd.option_context("display.width", 250, "display.max_columns", 20):
         click.echo(display_board(result.board, result.target).to_string(index=False))
     for t in result.trials[result.trials["outcome"] == "failed"].itertuples():
@@ -316,24 +375,12 @@ sweep_cmd.params = [p for p in sweep_cmd.params if p.name not in ("policy", "bou
 
 
 def run_cli(prog_name: str = "clr-mlflow") -> None:
-    """The console script: `main`, with a usage error (a bad option value, an unknown option)
-    also deleting the run `mlflow run` made for it: a rejected input is not a result."""
+    """The console script: `main` (usage errors one line, see _OneLineErrors), with MLflow's
+    HTTP retries bounded."""
     from clr_mlflow.tracking import runs as tracking
 
     tracking.bounded_http_retries()  # one call to a store that went away fails in seconds, not minutes
-    try:
-        code = main.main(prog_name=prog_name, standalone_mode=False)
-    except click.ClickException as e:
-        if os.environ.get("MLFLOW_RUN_ID"):
-            from clr_mlflow.tracking import runs as tracking
-
-            tracking.delete_run(os.environ["MLFLOW_RUN_ID"])
-        e.show()
-        sys.exit(e.exit_code)
-    except click.Abort:
-        click.echo("Aborted!", err=True)
-        sys.exit(1)
-    sys.exit(code if isinstance(code, int) else 0)
+    main.main(prog_name=prog_name)
 
 
 if __name__ == "__main__":

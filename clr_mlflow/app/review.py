@@ -11,7 +11,8 @@ import click
 import numpy as np
 import pandas as pd
 
-from clr_mlflow.tracking import history
+from clr_mlflow.data import plugins
+from clr_mlflow.tracking import delivery, history
 from clr_mlflow.core import plots
 from clr_mlflow.tracking import runs as tracking
 from clr_mlflow.core.compare import leaderboard, verdict
@@ -19,6 +20,29 @@ from clr_mlflow.app.config import ENTRY_POINTS, RANGE, Config, ConfigError
 
 KEY_METRICS = ["bounds/base_lr", "bounds/max_lr", "range_test/iterations", "val/best_accuracy", "test/accuracy",
                "test/loss", "test/best_accuracy", "time/range_test_seconds", "time/train_seconds"]
+
+
+def require_store() -> None:
+    """compare, reproduce and resume read runs that must be there already: a tracking server
+    that does not answer within 10 s, or a SQLite file (or its folder) that does not exist, is
+    a one-line ConfigError, and nothing is created for it."""
+    from mlflow import get_tracking_uri  # the URI only (tracking.runs.check_store would make a SQLite file)
+
+    why = delivery.unreachable(get_tracking_uri(), timeout=10.0)
+    if why:
+        raise ConfigError(why)
+
+
+def require_consent(run_id: str, cfg: Config, allow_plugins: bool) -> None:
+    """A run whose params name a plug-in (model= / data= `module:callable`) would import that
+    module: refused unless the user said --allow-plugins."""
+    code = plugins.named(model=cfg.model, data=cfg.data)
+    if code and not allow_plugins:
+        raise ConfigError(f"Expected --allow-plugins to run code that run {run_id} names, but it was not given: "
+                          f"it would import {', '.join(code)} from installed packages or PYTHONPATH")
+
+
+REJECTED = "rejected"  # clr_mlflow.kind of a run `mlflow run` made for a command that refused its input
 
 
 @dataclass
@@ -39,9 +63,14 @@ def compare_experiment(experiment: str, target: float = 0.0, log_run: bool = Tru
     experiment of --experiment-name (`Default` without it). That run is never listed, and is
     tagged clr_mlflow.kind=compare. When it is in `experiment`, the comparison is logged into
     it; otherwise into a new run of `experiment`, and `note` says so."""
+    require_store()
     t0 = time.perf_counter()
     own = os.environ.get("MLFLOW_RUN_ID") or None
     experiment_id, runs = history.experiment_runs(experiment, exclude=(own,) if own else ())
+    if "tags.clr_mlflow.kind" in runs:  # runs `mlflow run` made for a rejected input: no result
+        runs = runs[runs["tags.clr_mlflow.kind"].fillna("") != REJECTED].reset_index(drop=True)
+        if runs.empty:
+            raise history.NoRuns(f"Experiment {experiment!r} has no runs to compare")
     ids = list(runs["run_id"])
     names = dict(zip(ids, runs["tags.mlflow.runName"] if "tags.mlflow.runName" in runs else [""] * len(ids)))
     policy = dict(zip(ids, runs["params.policy"] if "params.policy" in runs else [None] * len(ids)))
@@ -162,12 +191,14 @@ class Reproduction:
     curves: dict[str, tuple[bool | None, str]] = field(default_factory=dict)  # per curve: identical?, note
 
 
-def reproduce(run_id: str) -> Reproduction:
+def reproduce(run_id: str, allow_plugins: bool = False) -> Reproduction:
     """Run again with exactly `run_id`'s params into its experiment, named after it and
     tagged clr_mlflow.reproduces=run_id, and compare the key metrics and the full range-test
-    and training curves (the curve.csv artifacts)."""
+    and training curves (the curve.csv artifacts). A plug-in the run names is imported only
+    with `allow_plugins`, and then not from the working directory (plugins.installed_only)."""
     from clr_mlflow.app.runner import execute
 
+    require_store()
     try:
         run = history.run_record(run_id)
     except ValueError as e:
@@ -178,12 +209,14 @@ def reproduce(run_id: str) -> Reproduction:
         raise ConfigError(f"Expected RUN_ID to name a range-test or training run of clr_mlflow, but {run_id} is not")
     cfg = config_of_run(run.params, run.experiment, shell_quoted=MLFLOW_RUN_TAG in tags,
                         run_name=reproduction_name(run.name))
+    require_consent(run_id, cfg, allow_plugins)
     warnings = []
     commit = tracking.git_commit()
     if tags.get("clr_mlflow.git_commit", "") != commit:
         warnings.append(f"code differs: original commit {tags.get('clr_mlflow.git_commit') or 'unknown'}, "
                         f"now {commit or 'unknown'}")
-    outcome = execute(cfg, command, tags={"clr_mlflow.reproduces": run_id})
+    with plugins.installed_only():
+        outcome = execute(cfg, command, tags={"clr_mlflow.reproduces": run_id})
     new = history.run_record(outcome.run_id)
     if run.params.get("data.digest") != new.params.get("data.digest"):
         warnings.append(f"dataset differs: digest {run.params.get('data.digest')} then, "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import socket
 import tempfile
 import time
 import typing
@@ -21,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from clr_mlflow.data import plugins
+from clr_mlflow.app.args import MAX_TRIALS, plural
 from clr_mlflow.app.config import COMMANDS, RANGE, Config, ConfigError, validate
 from clr_mlflow.app.presets import apply_preset
 from clr_mlflow.app.sweep_trial import ERROR, METRIC, OUTCOME, PARENT, SETTING, TRIAL, close_runs, run_trial
@@ -30,10 +32,11 @@ LISTED = {"policy": "--policies", "bounds_rule": "--bounds-rules", "seed": "--se
 
 
 class SweepError(RuntimeError):
-    """The sweep cannot start: Ray is missing or its cluster unreachable."""
+    """The sweep cannot start: Ray is missing, its cluster unreachable or too small."""
 
 
-def _ray():
+def ray_modules():
+    """(ray, ray.tune), or SweepError saying how to install them."""
     try:
         import ray
         from ray import tune
@@ -108,8 +111,6 @@ class SweepResult:
         return int((self.trials["outcome"] == outcome).sum())
 
     def summary(self) -> str:
-        from clr_mlflow.app.cli import plural
-
         parts = [f"sweep run {self.run_id}"]
         for command, word in (("range-test", "range test"), ("train", "training")):
             n = self.trials.loc[self.trials["command"] == command, "outcome"].value_counts()
@@ -121,19 +122,28 @@ class SweepResult:
 
 def sweep(base: Config, grid: dict[str, list], policies: list[str], bounds_rules: list[str], seeds: list[int], *,
           ray_address: str | None = None, cpus_per_trial: float = 1, gpus_per_trial: float = 0,
-          max_concurrent: int | None = None, early_stop: bool = False, experiment: str | None = None) -> SweepResult:
+          max_concurrent: int | None = None, early_stop: bool = False, experiment: str | None = None,
+          max_trials: int = MAX_TRIALS) -> SweepResult:
     """The sweep of the module docstring into `experiment` (default base.experiment). A trial
-    that fails leaves its run FAILED with tag clr_mlflow.error, and the sweep goes on."""
-    ray, tune = _ray()
+    that fails leaves its run FAILED with tag clr_mlflow.error, and the sweep goes on. Before
+    the parent run exists: more than `max_trials` trials, a Ray address nothing answers at,
+    or resources per trial beyond the cluster's are each a one-line error."""
+    ray, tune = ray_modules()
     t0 = time.perf_counter()
     policies, rules, seeds = (list(dict.fromkeys(x)) for x in (policies, bounds_rules, seeds))
     grid, base = typed_grid(grid), replace(base, experiment=experiment or base.experiment)
+    least = len(seeds) * len(policies) * int(np.prod([len(v) for v in grid.values()]))  # one training each
+    if least > max_trials:  # before settings() checks every one of them
+        _too_many(least, max_trials, "at least ")
     combos = settings(base, grid, policies, rules, seeds)
+    if (n := count_trials(base, combos, grid, policies, rules)) > max_trials:
+        _too_many(n, max_trials)
     from clr_mlflow.tracking import history
     from clr_mlflow.tracking import runs as tracking
 
     started = _start_ray(ray, ray_address)
     try:
+        _check_resources(ray, cpus_per_trial, gpus_per_trial)
         tags = tracking.provenance_tags(base.device) | {"clr_mlflow.kind": "sweep", "clr_mlflow.command": "sweep"}
         # This also makes the store's schema and the experiment before trials write at once.
         with tracking.active_run(base.experiment, base.run_name or "sweep", tags) as parent:
@@ -165,6 +175,20 @@ def sweep(base: Config, grid: dict[str, list], policies: list[str], bounds_rules
         if started:
             ray.shutdown()
     return result
+
+
+def _too_many(n: int, max_trials: int, least: str = "") -> None:
+    raise ConfigError(f"Expected at most --max-trials={max_trials} trials, but this sweep makes {least}{n:,}: "
+                      f"pass --max-trials {n} (or more) to run them all")
+
+
+def count_trials(base: Config, combos: list[dict], grid: dict, policies: list, rules: list) -> int:
+    """How many trials the sweep makes: a range test per setting of its range-test keys whose
+    bounds are unknown, and a training per setting x (rule) x policy."""
+    keys = ["seed"] + [k for k in grid if RANGE in Config.__dataclass_fields__[k].metadata["phases"]]
+    unknown = [s for s in combos if not _knows_bounds(replace(base, **s))]
+    tests = len({_label({k: s[k] for k in keys}) for s in unknown})
+    return tests + len(policies) * (len(unknown) * len(rules) + len(combos) - len(unknown))
 
 
 def _range_tests(stage, base: Config, combos: list[dict], keys: list[str], rule: str) -> dict[str, tuple]:
@@ -206,6 +230,29 @@ def _bounds(cfg: Config, rule: str, first: str, range_run: tuple, tables: pd.Dat
             {"bounds_source": f"run:{run_id} rule:{rule}"}, "")
 
 
+def _answers(address: str, timeout: float = 5.0) -> str | None:
+    """Why nothing answers at a Ray `address` (`host:port`, `ray://host:port`), or None;
+    None also for `auto` and addresses without a port, left to Ray. ray.init retries an
+    address nothing listens at for minutes."""
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        return None
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        return f"{type(e).__name__}: {e.strerror or e}"
+    return None
+
+
+def _check_resources(ray, cpus: float, gpus: float) -> None:
+    have = ray.cluster_resources()
+    for name, want in (("CPU", cpus), ("GPU", gpus)):
+        if want > have.get(name, 0):
+            flag = f"--{name.lower()}s-per-trial"
+            raise SweepError(f"Expected {flag} to fit the Ray cluster, which has {have.get(name, 0):g} {name}s in all, "
+                             f"but got {want:g}: no trial could ever start")
+
+
 def _start_ray(ray, address: str | None) -> bool:
     """Connect to `address`, or start a local Ray here; True when this call started it."""
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's older reporter, which verbose=0 quiets
@@ -213,6 +260,10 @@ def _start_ray(ray, address: str | None) -> bool:
     os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")  # Ctrl-C stops the sweep (parent KILLED), not a stage
     if ray.is_initialized():
         return False
+    why = _answers(address) if address else None
+    if why:
+        raise SweepError(f"Expected --ray-address {address} to be a running Ray cluster, but nothing answers there "
+                         f"({why})")
     quiet = dict(logging_level=logging.WARNING, log_to_driver=False)  # what a trial says is in its run
     try:
         if address:
@@ -345,9 +396,3 @@ def _log_comparison(experiment: str, experiment_id: str, parent: str, trials: pd
     tracking.log_figure(plots.compare_bounds_figure(tables, names), "compare/bounds.png")
     return board, target, verdict(board, target)
 
-
-def _csv(text: str, kind=str, what="") -> list:
-    try:
-        return [kind(x.strip()) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ConfigError(f"Expected {what} to be integers separated by commas, but got {text!r}") from None

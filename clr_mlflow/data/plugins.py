@@ -4,11 +4,14 @@
 - `data=my_pkg.data:load`: `load() -> (train, test)`, torch Datasets of `(image, label)`
   with the image a tensor (C, H, W) or a PIL image. They go through a plain DataLoader.
 
-The module is imported from the working directory or PYTHONPATH. Every way a plug-in can
-be wrong is a one-line error naming the parameter, raised before any MLflow run exists.
+The module is imported from the working directory or PYTHONPATH; inside
+`installed_only()` (code a stored run names: `reproduce`, `resume`) from installed packages
+and PYTHONPATH only, the working directory left out. Every way a plug-in can be wrong is a
+one-line error naming the parameter, raised before any MLflow run exists.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import os
@@ -32,13 +35,47 @@ def is_plugin(value: str) -> bool:
     return bool(SPEC.match(value)) and not os.path.exists(value)
 
 
-def resolve(param: str, spec: str) -> Callable:
-    """The callable named by `spec`, imported from the working directory or PYTHONPATH."""
-    module_name, _, attr = spec.partition(":")
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())  # console scripts do not put the working directory there
+_installed_only = False
+
+
+@contextlib.contextmanager
+def installed_only():
+    """Plug-ins resolved in the block import from installed packages and PYTHONPATH only:
+    the working directory is neither added to sys.path nor searched when already there
+    (`python -m` puts it first), so a file lying in it cannot be run by naming it."""
+    global _installed_only
+    before, _installed_only = _installed_only, True
     try:
-        obj = importlib.import_module(module_name)
+        yield
+    finally:
+        _installed_only = before
+
+
+def named(**params: str) -> list[str]:
+    """`param=spec (module M)` for each value that names a plug-in: what would be imported."""
+    return [f"{k}={v} (module {v.partition(':')[0]})" for k, v in params.items() if is_plugin(v)]
+
+
+def _import(module_name: str):
+    if not _installed_only:
+        if os.getcwd() not in sys.path and "" not in sys.path:
+            sys.path.insert(0, os.getcwd())  # console scripts do not put the working directory there
+        return importlib.import_module(module_name)
+    here = os.path.realpath(os.getcwd())
+    saved = list(sys.path)
+    sys.path[:] = [p for p in saved if os.path.realpath(p or ".") != here]
+    try:
+        return importlib.import_module(module_name)
+    finally:
+        sys.path[:] = saved
+
+
+def resolve(param: str, spec: str) -> Callable:
+    """The callable named by `spec`, imported from the working directory or PYTHONPATH (see
+    installed_only)."""
+    module_name, _, attr = spec.partition(":")
+    try:
+        obj = _import(module_name)
     except Exception as e:  # noqa: BLE001 - any import failure is the user's module's
         raise PluginError(f"Expected {param}={spec} to name an importable module, but importing {module_name} "
                           f"failed: {type(e).__name__}: {e}") from None
