@@ -74,7 +74,8 @@ def test_dict_batches_dict_loss_and_two_param_groups(tracking):
     seen = []
 
     def loss_fn(m, batch):
-        seen.append([g["lr"] for g in opt.param_groups])
+        if torch.is_grad_enabled():  # not the first batch's check, which runs without gradients
+            seen.append([g["lr"] for g in opt.param_groups])
         pred = m(batch["features"])
         return {"mse": F.mse_loss(pred, batch["target"]), "l1": 0.1 * F.l1_loss(pred, batch["target"])}
 
@@ -96,7 +97,7 @@ def test_dict_batches_dict_loss_and_two_param_groups(tracking):
         steps, got = history(result.run_id, key)
         np.testing.assert_array_equal(steps, np.arange(30))
         np.testing.assert_allclose(got, values, rtol=1e-12)
-    assert run.data.params["num_iters"] == "30" and run.data.params["bounds_rule"] == "loss_edge"
+    assert run.data.params["range_test.num_iters"] == "30" and run.data.params["range_test.bounds_rule"] == "loss_edge"
     arts = {a.path for a in MlflowClient().list_artifacts(result.run_id, "range_test")}
     assert {"range_test/curve.png", "range_test/curve.csv", "range_test/bounds.json"} <= arts
     # bounds, suggest and plot
@@ -120,7 +121,8 @@ def test_accumulation_changes_the_lr_per_optimizer_step(tracking):
     seen = []
 
     def loss_fn(m, batch):
-        seen.append(opt.param_groups[0]["lr"])
+        if torch.is_grad_enabled():  # not the first batch's check, which runs without gradients
+            seen.append(opt.param_groups[0]["lr"])
         return F.mse_loss(m(batch["features"]), batch["target"])
 
     result = clr_mlflow.lr_find(model, opt, batches, loss_fn=loss_fn, num_iters=12, start_lr=1e-5, end_lr=1e-2,
@@ -141,7 +143,8 @@ def test_grad_scaler_skipped_steps_do_not_advance_the_sweep():
     calls = []
 
     def loss_fn(m, batch):
-        calls.append((scaler.get_scale(), opt.param_groups[0]["lr"]))
+        if torch.is_grad_enabled():  # not the first batch's check, which runs without gradients
+            calls.append((scaler.get_scale(), opt.param_groups[0]["lr"]))
         return F.mse_loss(m(batch["features"]), batch["target"])
 
     result = clr_mlflow.lr_find(model, opt, batches, loss_fn=loss_fn, num_iters=15, start_lr=1e-7, end_lr=1e-5,
@@ -195,22 +198,22 @@ def test_torchvision_detection_model_with_a_dict_of_losses(tracking):
         np.testing.assert_allclose(values, result.terms[name], rtol=1e-12)
 
 
-def test_a_second_lr_find_in_the_same_run_gets_a_child_run(tracking, capsys):
+def test_a_second_lr_find_in_the_same_run_gets_a_child_run(tracking, caplog):
     """Two range tests in one user run would interleave steps 0..n-1 twice in one series (and
     clash on params): the second logs into a child run, the first stays as it was."""
     model, opt = regression_setup()
     loss = lambda m, b: F.mse_loss(m(b["features"]), b["target"])  # noqa: E731
-    with mlflow.start_run() as run:
+    with mlflow.start_run() as run, caplog.at_level("INFO", logger="clr_mlflow"):
         first = clr_mlflow.lr_find(model, opt, dict_batches(), loss_fn=loss, num_iters=15, diverge=1e9,
                                    progress=False)
         second = clr_mlflow.lr_find(model, opt, dict_batches(), loss_fn=loss, num_iters=12, start_lr=1e-4,
                                     diverge=1e9, progress=False)
     assert first.run_id == run.info.run_id and second.run_id != run.info.run_id
-    assert f"logs into its child run {second.run_id}" in capsys.readouterr().err
+    assert f"logs into its child run {second.run_id}" in caplog.text
     child = MlflowClient().get_run(second.run_id)
     assert child.data.tags["mlflow.parentRunId"] == run.info.run_id and child.info.status == "FINISHED"
-    assert child.data.params["num_iters"] == "12" and MlflowClient().get_run(run.info.run_id).data.params[
-        "num_iters"] == "15"
+    assert child.data.params["range_test.num_iters"] == "12" and MlflowClient().get_run(run.info.run_id).data.params[
+        "range_test.num_iters"] == "15"
     for result in (first, second):
         steps, lrs = history(result.run_id, "range_test/lr")
         np.testing.assert_array_equal(steps, np.arange(len(result.lrs)))  # each step once
@@ -271,10 +274,28 @@ def test_bad_input_is_one_line_and_changes_nothing(tracking, kwargs, needle):
     assert mlflow.search_runs(search_all_experiments=True).empty
 
 
-def test_a_loader_shorter_than_ten_steps_is_refused(tracking):
+def test_a_short_loader_cycles_for_the_steps_asked_for(tracking):
+    """The minimum is on optimizer steps, not on the loader's length: 3 batches, 40 steps."""
     model, opt = regression_setup()
-    with pytest.raises(ValueError, match="at least 10 optimizer steps"):
-        clr_mlflow.lr_find(model, opt, dict_batches(12), loss_fn=lambda m, b: m(b["features"]).mean(), accumulate=2)
+    seen = []
+
+    def loss_fn(m, batch):
+        if torch.is_grad_enabled():
+            seen.append(batch["target"][0].item())
+        return F.mse_loss(m(batch["features"]), batch["target"])
+
+    batches = dict_batches(3)
+    result = clr_mlflow.lr_find(model, opt, batches, loss_fn=loss_fn, num_iters=40, end_lr=1e-2, diverge=1e9,
+                                progress=False)
+    assert len(result.lrs) == 40 and len(seen) == 40
+    assert seen == [b["target"][0].item() for b in batches] * 13 + [batches[0]["target"][0].item()]
+    assert len(MlflowClient().get_metric_history(result.run_id, "range_test/loss")) == 40
+
+
+def test_fewer_than_ten_steps_are_refused_before_anything_is_written(tracking):
+    model, opt = regression_setup()
+    with pytest.raises(ValueError, match=r"^Expected integer in \[10, 10,000,000\] .* for num_iters, but got 9"):
+        clr_mlflow.lr_find(model, opt, dict_batches(12), loss_fn=lambda m, b: m(b["features"]).mean(), num_iters=9)
     assert opt.param_groups[0]["lr"] == 1e-3 and mlflow.search_runs(search_all_experiments=True).empty
 
 
@@ -467,7 +488,7 @@ def test_three_seeds_give_median_bounds_with_their_spread(tracking):
 
     csv = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=result.run_id, artifact_path="range_test/curve.csv"))
     assert csv.groupby("seed").size().to_dict() == {k: len(r.lrs) for k, r in enumerate(seeds)}
-    assert MlflowClient().get_run(result.run_id).data.params["seeds"] == "3"
+    assert MlflowClient().get_run(result.run_id).data.params["range_test.seeds"] == "3"
     # the plot: the median smoothed curve with its min-max band over the seeds
     band = result.band()
     np.testing.assert_allclose(band["median"].iloc[:10], np.median([r.smoothed[:10] for r in seeds], axis=0))

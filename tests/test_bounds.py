@@ -253,3 +253,29 @@ def test_a_minimum_just_before_a_non_finite_loss_is_a_divergence():
     for rule in (min_div10, loss_edge, steepest, valley, slide):
         got = rule(LRS, s)
         assert got.ok and "did not diverge" not in got.note
+
+
+@pytest.mark.parametrize("scale, shift", [(1.0, -1.0), (1.0, 100.0), (1e-3, 0.0), (1.0, -10.0)])
+def test_every_rule_reads_a_shifted_or_scaled_loss_the_same_way(scale, shift):
+    """A loss with a constant added (even one that makes it negative) or in other units gives
+    every rule's same bounds, and the same flat/too-short notes."""
+    rng = np.random.default_rng(3)
+    n = 200
+    lrs = np.geomspace(1e-6, 10, n)
+    t = np.linspace(0, 1, n)
+    raw = 2.3 - 1.2 * np.sin(np.pi * np.minimum(t, 0.7) / 1.4) + 200 * np.maximum(t - 0.7, 0) ** 2 \
+        + rng.normal(0, 0.05, n)
+    reference = {s.rule: s for s in suggest_bounds(lrs, smooth(raw), [], [], 4.0)}
+    moved = scale * raw + shift
+    got = {s.rule: s for s in suggest_bounds(lrs, smooth(moved), [], [], 4.0)}
+    for rule, ref in reference.items():
+        assert (got[rule].base_lr, got[rule].max_lr) == pytest.approx((ref.base_lr, ref.max_lr), nan_ok=True), rule
+        assert got[rule].note == ref.note
+
+
+@pytest.mark.parametrize("constant", [0.0, -3.0, 1e4])
+def test_a_loss_that_never_changes_is_flat_whatever_its_value(constant):
+    lrs = np.geomspace(1e-6, 10, 100)
+    for s in suggest_bounds(lrs, np.full(100, constant), [], [], 4.0):
+        if s.rule != "accuracy":
+            assert not s.ok and s.note.startswith("flat"), (s.rule, s.note)

@@ -41,11 +41,54 @@ def test_smoothing_in_chunks_equals_smoothing_at_once():
     np.testing.assert_array_equal(chunked, smooth(x, 0.98))
 
 
-def test_stop_rule_fires_when_smoothed_exceeds_factor_times_best():
+def test_stop_rule_fires_when_the_rise_passes_factor_minus_one_times_the_drop():
     rule = DivergenceRule(4.0)
-    losses = np.array([3.0, 2.0, 1.0, 3.9, 4.1])
-    assert rule.first_stop(losses, losses, start=10) == 4
-    assert "iteration 14" in rule.reason and rule.best == 1.0
+    raw = np.full(5, 3.0)                           # no step-to-step noise: the drop is the scale
+    smoothed = np.array([3.0, 2.0, 1.0, 6.9, 7.1])  # fell 2 to its best 1: stop above 1 + 3 x 2 = 7
+    assert rule.first_stop(raw, smoothed, start=10) == 4
+    assert "iteration 14" in rule.reason and rule.best == 1.0 and rule.drop == 2.0
+
+
+def test_stop_rule_on_a_curve_that_has_not_fallen_uses_the_noise():
+    rule = DivergenceRule(4.0, beta=0.5)
+    raw = np.array([1.0, 2.0, 1.0, 2.0, 1.0])       # changes of 1: the noise yardstick is 1
+    smoothed = np.array([1.0, 1.0, 1.0, 3.9, 4.1])  # never fell: stop once 3 x 1 above the best
+    assert rule.first_stop(raw, smoothed) == 4
+    assert rule.noise == pytest.approx(1.0)
+
+
+def test_stop_rule_does_not_let_a_blow_up_inflate_its_noise_yardstick():
+    rule = DivergenceRule(4.0, beta=0.5)
+    raw = np.array([1.0, 2.0, 1.0, 2.0, 1.0, 2.0, 1000.0])
+    assert rule.first_stop(raw, np.ones(7)) is None
+    assert rule.noise < 3.0  # the 998 jump counted as at most 3 x the estimate so far
+
+
+def _rising_curve(seed=0, n=300):
+    rng = np.random.default_rng(seed)
+    t = np.linspace(0, 1, n)
+    raw = 2.3 - 1.2 * np.sin(np.pi * np.minimum(t, 0.7) / 1.4) + 200 * np.maximum(t - 0.7, 0) ** 2 \
+        + rng.normal(0, 0.05, n)
+    return raw, smooth(raw, 0.98)
+
+
+@pytest.mark.parametrize("scale, shift", [(1.0, -1.0), (1.0, 100.0), (1e-3, 0.0), (-1.0, 0.0)])
+def test_stop_rule_reads_a_shifted_or_scaled_loss_the_same_way(scale, shift):
+    """Any loss scale and sign: the stop step of a*loss + b (a > 0) is the unshifted one's; a
+    loss that is negative all along (a = -1 flips the curve, so compare with its own negative
+    reference: the test stops, and not after 2 steps as 'smoothed > 4 x best' does)."""
+    raw, smoothed = _rising_curve()
+    reference = DivergenceRule(4.0).first_stop(raw, smoothed)
+    assert reference is not None and 150 < reference < 300
+    if scale < 0:
+        negative = raw - 10.0   # every loss < 0
+        got = DivergenceRule(4.0).first_stop(negative, smooth(negative, 0.98))
+        assert got == reference
+        naive_best = np.minimum.accumulate(smooth(negative, 0.98))
+        assert np.flatnonzero(smooth(negative, 0.98) > 4 * naive_best)[0] < 3  # the peers' rule
+        return
+    moved = scale * raw + shift
+    assert DivergenceRule(4.0).first_stop(moved, smooth(moved, 0.98)) == reference
 
 
 def test_stop_rule_keeps_its_best_across_chunks():

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from clr_mlflow.core.schedules import CyclicLR, Fixed, OneCycle, ScheduleLR, make_schedule
+from clr_mlflow.core.schedules import CyclicLR, Fixed, OneCycle, ScheduleLR, clr_scheduler, make_schedule
 
 
 def formula(t, base, top, step, mode, gamma=1.0):
@@ -91,6 +91,85 @@ def test_state_dict_round_trip_mid_cycle():
         assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"] == a.schedule.lr(a.last_epoch)
         assert b.get_last_lr() == a.get_last_lr()
     assert b.last_epoch == 57
+
+
+def assert_plain(x, where="state"):
+    """Numbers, strings, None, and lists/tuples/dicts of them: no class of ours (nor NumPy)."""
+    if isinstance(x, dict):
+        for k, v in x.items():
+            assert isinstance(k, str), f"{where}: key {k!r}"
+            assert_plain(v, f"{where}[{k!r}]")
+    elif isinstance(x, (list, tuple)):
+        for i, v in enumerate(x):
+            assert_plain(v, f"{where}[{i}]")
+    else:
+        assert x is None or type(x) in (bool, int, float, str), f"{where} is a {type(x).__name__}: {x!r}"
+
+
+@pytest.mark.parametrize("policy,kwargs", [
+    ("triangular", dict(step_size=6)),
+    ("triangular2", dict(step_size=5, cycle_momentum=True)),
+    ("exp_range", dict(step_size=4, gamma=0.97)),
+    ("one_cycle", dict(total_iters=40, anneal_frac=0.2, cycle_momentum=True)),
+    ("fixed", dict()),
+])
+def test_state_dict_is_plain_and_resumes_through_torch_load_weights_only(policy, kwargs, tmp_path):
+    def sgd(lr):
+        return torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr, momentum=0.9)
+
+    def seen(opt, sched, n):
+        out = []
+        for _ in range(n):
+            out.append((opt.param_groups[0]["lr"], opt.param_groups[0]["momentum"]))
+            opt.step()
+            sched.step()
+        return out
+
+    opt = sgd(0.01)
+    # bounds given as a NumPy scalar and a tensor: the state still holds Python numbers
+    sched = clr_scheduler(opt, policy, np.float64(0.01), torch.tensor(0.1, dtype=torch.float64), **kwargs)
+    seen(opt, sched, 17)
+    state = sched.state_dict()
+    assert_plain(state)
+    torch.save({"optimizer": opt.state_dict(), "scheduler": state}, tmp_path / "ckpt.pt")
+    loaded = torch.load(tmp_path / "ckpt.pt", weights_only=True)  # torch's default, said out loud
+    assert loaded["scheduler"] == state
+    opt2 = sgd(0.5)
+    other = clr_scheduler(opt2, "triangular", 0.5, 0.9, step_size=3)  # every setting differs
+    opt2.load_state_dict(loaded["optimizer"])  # as torch's own schedulers: the group lrs come with the optimizer
+    other.load_state_dict(loaded["scheduler"])
+    assert other.schedule == sched.schedule and other.momentum == sched.momentum and other.last_epoch == 17
+    after = seen(opt, sched, 30)
+    assert seen(opt2, other, 30) == after
+    assert [lr for lr, _ in after] == pytest.approx([sched.schedule.lr(t) for t in range(17, 47)], rel=1e-12)
+    if policy in ("triangular", "triangular2", "exp_range"):
+        gamma = kwargs.get("gamma", 1.0)
+        assert [lr for lr, _ in after] == pytest.approx(
+            [formula(t, 0.01, 0.1, kwargs["step_size"], policy, gamma) for t in range(17, 47)], rel=1e-9)
+    assert other.state_dict() == sched.state_dict()
+
+
+def test_load_state_dict_still_takes_a_state_holding_the_schedule_object():
+    """A state saved before state_dict() went plain (pickled, weights_only=False) still loads."""
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    sched = ScheduleLR(opt, CyclicLR(0.1, 1.0, step_size=4), momentum=None)
+    for _ in range(5):
+        opt.step()
+        sched.step()
+    old = dict(sched.state_dict(), schedule=sched.schedule)
+    other = ScheduleLR(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1), Fixed(0.1, 0.1))
+    other.load_state_dict(pickle.loads(pickle.dumps(old)))
+    assert other.schedule == sched.schedule and other.last_epoch == 5
+    other.optimizer.step()
+    other.step()
+    assert other.get_last_lr() == [pytest.approx(formula(6, 0.1, 1.0, 4, "triangular"))]
+
+
+def test_load_state_dict_rejects_an_unknown_schedule():
+    sched = ScheduleLR(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1), Fixed(0.1, 0.1))
+    state = sched.state_dict()
+    with pytest.raises(ValueError, match="schedule dict with type"):
+        sched.load_state_dict(dict(state, schedule={"type": "Cosine", "base_lr": 0.1, "max_lr": 1.0}))
 
 
 def test_momentum_cycles_opposite_to_lr_and_reaches_adamw_beta1():

@@ -1,30 +1,30 @@
 """`lr_find`: the LR range test on any model, optimizer, loader and loss, with the bounds
-table, plot and MLflow tracking. The CLI's range test is a call of this function."""
+table, plot and MLflow tracking. The CLI's range test is a call of this function.
+
+A guest in the caller's program: everything it touches (weights, buffers, module modes,
+grads, optimizer state, RNGs, the loader's order, a GradScaler) is put back, and MLflow is
+only imported when tracking is asked for (record.py)."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
-from clr_mlflow.core import batched
-from clr_mlflow.core import distributed
-from clr_mlflow.tracking import runs as tracking
+from clr_mlflow.core import batched, distributed
 from clr_mlflow.core.bounds import RULES
 from clr_mlflow.core.checks import is_finite, is_int, need
 from clr_mlflow.core.curve import SWEEPS, sweep_lrs
 from clr_mlflow.core.engine import NullSink, Snapshot
-from clr_mlflow.tracking.iteration_logger import IterationLogger
 from clr_mlflow.core.range_test import RangeTestResult, range_test
 from clr_mlflow.core.seeds import combine, run_seeds
-from clr_mlflow.core.steps import CrossEntropy, LossFn, Stepper, classification_eval, inputs_and_targets, metric_eval, \
-    model_device
+from clr_mlflow.core.steps import CrossEntropy, LossFn, Stepper, autocast, classification_eval, metric_eval, \
+    model_device, to_device, total_loss
 
-MIN_STEPS = 10           # a loader shorter than this many optimizer steps cannot show a curve
+MIN_STEPS = 10           # fewer optimizer steps than this cannot show a curve
 MAX_ITERS = 10_000_000   # beyond any real range test: a typo, not a request
 MAX_SEEDS = 1000
 
@@ -98,8 +98,8 @@ def lr_find(
          type(optimizer).__name__)
     need(hasattr(loader, "__iter__"), "loader", "an iterable of batches as", type(loader).__name__)
     num_iters = 100 if num_iters is None else num_iters
-    need(is_int(num_iters, 2) and num_iters <= MAX_ITERS, "num_iters", f"integer in [2, {MAX_ITERS:,}] for",
-         num_iters)
+    need(is_int(num_iters, MIN_STEPS) and num_iters <= MAX_ITERS, "num_iters",
+         f"integer in [{MIN_STEPS}, {MAX_ITERS:,}] (optimizer steps; a shorter loader starts again) for", num_iters)
     need(is_finite(start_lr) and start_lr > 0, "start_lr", "positive finite", start_lr)
     need(is_finite(end_lr) and end_lr > start_lr, "end_lr", f"finite value > start_lr={start_lr} for", end_lr)
     need(sweep in SWEEPS, "sweep", f"one of {', '.join(SWEEPS)} for", sweep)
@@ -125,14 +125,9 @@ def lr_find(
     first_lr = optimizer.param_groups[0]["lr"]
     need(is_finite(first_lr) and first_lr > 0, "optimizer.param_groups[0]['lr']",
          "positive (other groups are swept in proportion to it)", first_lr)
-    if hasattr(loader, "__len__"):
-        steps = len(loader) // accumulate
-        need(steps >= MIN_STEPS, "loader", f"at least {MIN_STEPS} optimizer steps ({MIN_STEPS} x accumulate="
-             f"{accumulate} batches) in", f"{len(loader)} batches")
     device = torch.device(device) if device is not None else model_device(model)
-    if loss_fn is None:
-        _check_default_batches(model, optimizer, loader)
     loss_fn = loss_fn or CrossEntropy()
+    _check_first_batch(model, optimizer, loader, loss_fn, device, amp, scaler)
     evaluator = metric_eval(metric_fn) if metric_fn is not None else classification_eval(device, amp)
     stepper = Stepper(model, optimizer, loss_fn, device, accumulate, scaler, amp)
     lrs = sweep_lrs(start_lr, end_lr, num_iters, sweep)
@@ -145,13 +140,13 @@ def lr_find(
     with ExitStack() as stack:
         run_id, sink = None, NullSink()
         if track:
-            run_id = stack.enter_context(tracking.run_scope({"clr_mlflow.kind": "range_test"},
-                                                                  taken_by="range_test/lr"))
-            tracking.log_params({"lr_start": start_lr, "lr_end": end_lr, "num_iters": num_iters, "sweep": sweep,
-                                 "beta": beta, "diverge": diverge, "accumulate": accumulate,
-                                 "eval_every": eval_every, "bounds_rule": bounds_rule,
-                                 "bounds_divisor": bounds_divisor, "seeds": seeds})
-            sink = stack.enter_context(IterationLogger(run_id, log_every=log_every))
+            from clr_mlflow.api import record  # mlflow (~1 s to import) loads when tracking is asked for
+
+            settings = dict(start_lr=start_lr, end_lr=end_lr, num_iters=num_iters, sweep=sweep, beta=beta,
+                            diverge=diverge, accumulate=accumulate, eval_every=eval_every, bounds_rule=bounds_rule,
+                            bounds_divisor=bounds_divisor, seeds=seeds)
+            run_id, sink = record.open_run(stack, settings, model, optimizer, loss_fn, device, amp, log_every)
+
         def run_one(seed_sink) -> RangeTestResult:
             return range_test(stepper, loader, lrs, accumulate=accumulate, beta=beta, diverge=diverge,
                               val_loader=val_loader, evaluator=evaluator, eval_every=eval_every, sink=seed_sink,
@@ -162,40 +157,32 @@ def lr_find(
         result = combine(results, bounds_rule, bounds_divisor)
         if track:
             sink.close()  # the curve is in MLflow before the artifacts (and before any training)
-            _log_result(result)
+            record.log_result(run_id, result)
     return dataclasses.replace(result, run_id=run_id)
 
 
-def _check_default_batches(model: nn.Module, optimizer: torch.optim.Optimizer, loader: Iterable) -> None:
-    """The default loss needs `(x, y)` batches: look at the first one before anything runs
-    (drawing it may advance RNGs and the loader's order, so they are put back). A one-shot
-    iterator is not peeked at: that would eat its first batch."""
-    snapshot = Snapshot(model, optimizer, loader)
+def _check_first_batch(model: nn.Module, optimizer: torch.optim.Optimizer, loader: Iterable, loss_fn: LossFn,
+                       device: torch.device, amp: torch.dtype | None, scaler) -> None:
+    """Run the loss on the first batch, without gradients, before anything is stepped or
+    logged: a batch the default loss cannot read, or a loss_fn whose output is no loss, is
+    a one-line error now rather than a failure mid-run. Drawing the batch and the forward
+    may move RNGs, the loader's order, BatchNorm statistics and a loss's counters: all are
+    put back. A one-shot iterator is not peeked at (that would eat its first batch); its
+    first step checks the same things before its backward."""
+    if isinstance(loader, Iterator):
+        return
+    snapshot = Snapshot(model, optimizer, loader, scaler=scaler)  # before iter(): a DataLoader draws its seed there
+    loss_state = loss_fn.state_dict() if hasattr(loss_fn, "state_dict") and hasattr(loss_fn, "load_state_dict") \
+        else None
     try:
-        it = iter(loader)
-        if it is loader:
-            return
-        first: Any = next(it, None)
+        first: Any = next(iter(loader), None)
         if first is None:
             raise ValueError("Expected loader to yield batches, but it yielded none")
-        inputs_and_targets(first)
+        if not model.training:
+            model.train()  # as the range test will run it
+        with torch.no_grad(), autocast(device, amp):
+            total_loss(loss_fn(model, to_device(first, device)))
     finally:
         snapshot.restore()
-
-
-def _log_result(result: RangeTestResult) -> None:
-    """The range test's artifacts, tags and summary metrics, into the active run."""
-    table = result.bounds
-    tracking.log_table(table, tracking.BOUNDS_TABLE)
-    tracking.log_frame_csv(result.curves(), "range_test/curve.csv")
-    tracking.log_figure(result.plot(), "range_test/curve.png")
-    tracking.set_tags({"bounds_rule": result.bounds_rule, "range_test.stop_reason": result.stop_reason})
-    summary = {"range_test/iterations": len(result.lrs), "range_test/skipped_steps": result.skipped_steps}
-    if len(result.smoothed) and np.isfinite(result.smoothed).any():
-        low = int(np.nanargmin(result.smoothed))
-        summary |= {"range_test/min_smoothed_loss": float(result.smoothed[low]),
-                    "range_test/lr_at_min": float(result.lrs[low])}
-    chosen = table[table["selected"]].iloc[0]
-    if np.isfinite(chosen["base_lr"]) and np.isfinite(chosen["max_lr"]):
-        summary |= {"bounds/base_lr": float(chosen["base_lr"]), "bounds/max_lr": float(chosen["max_lr"])}
-    tracking.log_metrics(summary)
+        if loss_state is not None:
+            loss_fn.load_state_dict(loss_state)

@@ -380,7 +380,23 @@ def run_cli(prog_name: str = "clr-mlflow") -> None:
     from clr_mlflow.tracking import runs as tracking
 
     tracking.bounded_http_retries()  # one call to a store that went away fails in seconds, not minutes
+    show_library_messages()
     main.main(prog_name=prog_name)
+
+
+def show_library_messages() -> None:
+    """The library reports through `logging` (a guest prints nothing); the CLI is the program
+    here, so it shows the package's notes and warnings on stderr, as written."""
+    import logging
+
+    package = logging.getLogger("clr_mlflow")
+    if not any(getattr(h, "clr_mlflow_cli", False) for h in package.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.clr_mlflow_cli = True
+        package.addHandler(handler)
+        package.setLevel(logging.INFO)
+        package.propagate = False  # shown once, whatever the root logger does
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 MIN_POINTS = 10       # fewer finite losses than this cannot show a descent
-FLAT_TOL = 0.01       # a curve whose smoothed loss never falls 1% below an earlier value is flat
+FLAT_TOL = 0.01       # a curve whose smoothed loss never falls by 1% of its own range is flat
 MIN_ACC_RISE = 0.02   # accuracy must rise by 2 points before the accuracy rule answers
 RISE_FRAC = 0.10      # "starts to rise" / "turns ragged" = 10% of the total rise
 SKIP_START = 10       # the steepest rule ignores the first points, where the EMA settles
@@ -55,9 +55,15 @@ def _loss_problem(lrs: np.ndarray, smoothed: np.ndarray) -> str | None:
         return "no finite loss values"
     if len(smoothed) < MIN_POINTS:
         return f"too short: {len(smoothed)} finite points, need at least {MIN_POINTS}"
+    # Measured against the curve's own range (not the loss's value), so a loss that is
+    # negative or carries a constant is read like any other; a loss that never changes
+    # (range 0, e.g. a default loss on targets it cannot read) is flat, never a suggestion.
     low = int(np.argmin(smoothed))
-    if smoothed[low] > smoothed[: low + 1].max() * (1 - FLAT_TOL):
-        return f"flat: smoothed loss never fell {FLAT_TOL:.0%} below an earlier value"
+    fell = smoothed[: low + 1].max() - smoothed[low]
+    spread = smoothed.max() - smoothed.min()
+    rounding = 16 * np.finfo(np.float64).eps * np.abs(smoothed).max()
+    if spread <= rounding or fell <= FLAT_TOL * spread:
+        return f"flat: smoothed loss never fell by {FLAT_TOL:.0%} of its range below an earlier value"
     return None
 
 

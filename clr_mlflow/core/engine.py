@@ -75,8 +75,20 @@ def data_generator(loader) -> torch.Generator | None:
     return g if isinstance(g, torch.Generator) else None
 
 
+def module_modes(model: nn.Module) -> list[tuple[nn.Module, bool]]:
+    """Every submodule's `training` flag: a user may have put some in eval() (a frozen
+    BatchNorm when fine-tuning), which `model.train(flag)` would overwrite."""
+    return [(m, m.training) for m in model.modules()]
+
+
+def restore_modes(modes: list[tuple[nn.Module, bool]]) -> None:
+    for module, training in modes:
+        module.training = training
+
+
 class Snapshot:
-    """Model weights and buffers, optimizer state, the loaders' data order, every RNG and a
+    """Model weights and buffers, every submodule's train/eval mode, every parameter's
+    `.grad` (None stays None), optimizer state, the loaders' data order, every RNG and a
     GradScaler's scale, to put back exactly as they were (bit for bit) after the range test."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *loaders, scaler=None):
@@ -84,14 +96,19 @@ class Snapshot:
         self.scaler_state = scaler.state_dict() if scaler is not None else None
         self.weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
         self.optim_state = copy.deepcopy(optimizer.state_dict())
-        self.training = model.training
+        self.modes = module_modes(model)
+        params = {id(p): p for p in model.parameters()}
+        params.update({id(p): p for g in optimizer.param_groups for p in g["params"]})
+        self.grads = [(p, None if p.grad is None else p.grad.detach().clone()) for p in params.values()]
         self.rng = (random.getstate(), np.random.get_state(), torch.get_rng_state(),
                     torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
         self.data_rng = [(g, g.get_state()) for g in map(data_generator, loaders) if g is not None]
 
     def restore(self) -> None:
         self.model.load_state_dict(self.weights)
-        self.model.train(self.training)
+        restore_modes(self.modes)
+        for p, grad in self.grads:
+            p.grad = grad
         self.optimizer.load_state_dict(self.optim_state)
         py, np_state, cpu, cuda = self.rng
         random.setstate(py)

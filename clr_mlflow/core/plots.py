@@ -1,19 +1,49 @@
-"""Figures from data: nothing here computes a suggestion or talks to MLflow."""
+"""Figures from data: nothing here computes a suggestion or talks to MLflow.
+
+A guest in the user's process: no backend is chosen and no rcParams change. Figures are
+`matplotlib.figure.Figure` objects made without pyplot (so they are not in pyplot's list of
+open figures, need no GUI backend, and are freed like any object); our seaborn look is
+applied inside `_styled`'s rc_context, only while a figure is built.
+"""
 from __future__ import annotations
 
+import functools
+
 import matplotlib
-
-matplotlib.use("Agg")  # headless: figures are saved, never shown
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import seaborn as sns  # noqa: E402
-
-sns.set_theme(style="whitegrid", context="notebook")
+import numpy as np
+import pandas as pd
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
 
 
-def _finish(fig: plt.Figure, ax: plt.Axes, xlabel: str, ylabel: str, title: str, legend: bool) -> plt.Figure:
+def _style() -> dict:
+    import seaborn as sns  # seaborn costs ~0.5 s to import: only when a figure is drawn
+
+    return {**sns.axes_style("whitegrid"), **sns.plotting_context("notebook")}
+
+
+def _styled(make):
+    """Build the figure inside an rc_context with our style: the process's rcParams are
+    untouched afterwards (a user's own plots look as they did)."""
+    @functools.wraps(make)
+    def build(*args, **kwargs):
+        with matplotlib.rc_context(_style()):
+            return make(*args, **kwargs)
+    return build
+
+
+def _subplots(*grid, figsize) -> tuple:
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(*grid)
+
+
+def _palette(name: str, n: int) -> list:
+    import seaborn as sns
+
+    return sns.color_palette(name, n)
+
+
+def _finish(fig: Figure, ax: Axes, xlabel: str, ylabel: str, title: str, legend: bool) -> Figure:
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
@@ -76,17 +106,20 @@ def _loss_ylim(curve: pd.DataFrame, lrs_marked: list[float]) -> tuple[tuple[floa
     return (lo, hi), (float(lr[outside].min()) if outside.any() else None)
 
 
+@_styled
 def range_test_figure(curve: pd.DataFrame, bounds: pd.DataFrame, log_x: bool = True,
                       own_base_lr: tuple[str, ...] = OWN_BASE_LR, band: pd.DataFrame | None = None,
-                      seeds: int = 1) -> plt.Figure:
+                      seeds: int = 1, ax: Axes | None = None) -> Figure:
     """Smoothed loss vs lr (raw loss faint), each rule's max_lr marked in its own colour and
     dash pattern (rule_styles), the base_lr of rules in `own_base_lr` marked too, the chosen
     bounds shaded, held-out accuracy on a twin axis when it was measured. The y axis holds
     the smoothed and the raw loss up to the marked lrs (_loss_ylim); the title says from
     which lr on loss leaves the view (the diverging tail). With `band` (lr, median, low, high
     over `seeds` range tests) the median smoothed loss is drawn with its min-max band, and
-    each rule's max_lr spread over the seeds (max_lr_min..max_lr_max) is shaded."""
-    fig, ax = plt.subplots(figsize=(9, 6.5))
+    each rule's max_lr spread over the seeds (max_lr_min..max_lr_max) is shaded. `ax`: draw
+    into this Axes (a subplot of the caller's figure) and return its figure."""
+    own_figure = ax is None
+    fig, ax = _subplots(figsize=(9, 6.5)) if own_figure else (ax.figure, ax)
     ax.plot(curve["lr"], curve["loss"], color=LOSS_COLOR, alpha=0.3, lw=1, label="loss")
     if band is not None:
         ax.fill_between(band["lr"], band["low"], band["high"], color=LOSS_COLOR, alpha=0.25,
@@ -132,7 +165,8 @@ def range_test_figure(curve: pd.DataFrame, bounds: pd.DataFrame, log_x: bool = T
     ax.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=3, fontsize=8, frameon=False)
     ax.set_title("LR range test" + (f" (loss leaves the view from lr {cut_from:.3g} on)" if cut_from is not None
                                     else ""))
-    fig.tight_layout()
+    if own_figure:  # a caller's figure keeps the layout the caller gave it
+        fig.tight_layout()
     return fig
 
 
@@ -141,11 +175,12 @@ def _training_title(what: str, policy: str | None, bounds: tuple[float, float] |
     return what + (f": {', '.join(parts)}" if parts else "")
 
 
+@_styled
 def schedule_figure(lrs: np.ndarray, cycle_len: int | None, policy: str | None = None,
-                    bounds: tuple[float, float] | None = None) -> plt.Figure:
+                    bounds: tuple[float, float] | None = None) -> Figure:
     """lr per iteration, with cycle boundaries marked; the title names the policy and the
     (base_lr, max_lr) bounds when given."""
-    fig, ax = plt.subplots(figsize=(9, 4))
+    fig, ax = _subplots(figsize=(9, 4))
     ax.plot(np.arange(len(lrs)), lrs, lw=1.5)
     if cycle_len:
         for b in range(cycle_len, len(lrs), cycle_len):
@@ -154,11 +189,12 @@ def schedule_figure(lrs: np.ndarray, cycle_len: int | None, policy: str | None =
                    legend=False)
 
 
+@_styled
 def training_figure(epochs: pd.DataFrame, lrs: np.ndarray, policy: str | None = None,
-                    bounds: tuple[float, float] | None = None) -> plt.Figure:
+                    bounds: tuple[float, float] | None = None) -> Figure:
     """Train/val loss and accuracy per epoch (x = iteration), lr on a twin axis; the title
     names the policy and the (base_lr, max_lr) bounds when given."""
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (ax_loss, ax_acc) = _subplots(1, 2, figsize=(12, 4.5))
     for ax, metric in ((ax_loss, "loss"), (ax_acc, "accuracy")):
         ax.plot(epochs["step"], epochs[f"train_{metric}"], "o-", ms=3, label=f"train {metric}")
         ax.plot(epochs["step"], epochs[f"val_{metric}"], "o-", ms=3, label=f"val {metric}")
@@ -178,7 +214,7 @@ def training_figure(epochs: pd.DataFrame, lrs: np.ndarray, policy: str | None = 
 
 def _policy_palette(policies) -> dict:
     names = sorted({str(p) for p in policies})
-    return dict(zip(names, sns.color_palette("deep", len(names))))
+    return dict(zip(names, _palette("deep", len(names))))
 
 
 def run_label(run_id: str, names: dict[str, str] | None) -> str:
@@ -187,11 +223,12 @@ def run_label(run_id: str, names: dict[str, str] | None) -> str:
     return name if isinstance(name, str) and name else run_id[:8]
 
 
+@_styled
 def _runs_overlay(series: pd.DataFrame, ylabel: str, title: str, names: dict[str, str] | None, step_offset: int = 0,
-                  **style) -> plt.Figure:
+                  **style) -> Figure:
     """One line per run, coloured by policy, labelled by run name. `series`: columns run,
     policy, step, value."""
-    fig, ax = plt.subplots(figsize=(9, 5))
+    fig, ax = _subplots(figsize=(9, 5))
     colors = _policy_palette(series["policy"])
     for (run, policy), g in series.groupby(["run", "policy"], sort=False):
         ax.plot(g["step"] + step_offset, g["value"], color=colors[str(policy)],
@@ -199,14 +236,14 @@ def _runs_overlay(series: pd.DataFrame, ylabel: str, title: str, names: dict[str
     return _finish(fig, ax, "iteration", ylabel, title, legend=len(series) > 0)
 
 
-def compare_accuracy_figure(series: pd.DataFrame, names: dict[str, str] | None = None) -> plt.Figure:
+def compare_accuracy_figure(series: pd.DataFrame, names: dict[str, str] | None = None) -> Figure:
     """Validation accuracy (val/accuracy) vs iterations run (step + 1), one line per run,
     coloured by policy."""
     return _runs_overlay(series, "validation accuracy", "Validation accuracy per run", names, step_offset=1,
                          marker="o", ms=2.5, lw=1.3)
 
 
-def compare_lr_figure(series: pd.DataFrame, names: dict[str, str] | None = None) -> plt.Figure:
+def compare_lr_figure(series: pd.DataFrame, names: dict[str, str] | None = None) -> Figure:
     """The runs' lr schedules overlaid."""
     return _runs_overlay(series, "learning rate", "Learning-rate schedules", names, lw=1.2, alpha=0.85)
 
@@ -214,14 +251,15 @@ def compare_lr_figure(series: pd.DataFrame, names: dict[str, str] | None = None)
 BAND_ALPHA = 0.25  # the chosen-bounds bands of compare/range_tests.png
 
 
+@_styled
 def compare_range_tests_figure(curves: dict[str, pd.DataFrame], chosen: pd.DataFrame,
-                               names: dict[str, str] | None = None) -> plt.Figure:
+                               names: dict[str, str] | None = None) -> Figure:
     """Range-test curves (smoothed loss vs lr) overlaid, labelled by run name (`names`: run
     id -> name), each run's chosen bounds shaded in its colour. `curves`: run id -> its
     curve.csv (one line per seed when it has a seed column); `chosen`: columns run_id,
     base_lr, max_lr."""
-    fig, ax = plt.subplots(figsize=(9, 5))
-    palette = sns.color_palette("husl", max(1, len(curves)))
+    fig, ax = _subplots(figsize=(9, 5))
+    palette = _palette("husl", max(1, len(curves)))
     for color, (run, curve) in zip(palette, curves.items()):
         seeds = [g for _, g in curve.groupby("seed", sort=False)] if "seed" in curve else [curve]
         label = run_label(run, names) + (f" ({len(seeds)} seeds)" if len(seeds) > 1 else "")
@@ -236,10 +274,11 @@ def compare_range_tests_figure(curves: dict[str, pd.DataFrame], chosen: pd.DataF
                    legend=bool(curves))
 
 
-def compare_bounds_figure(tables: pd.DataFrame, names: dict[str, str] | None = None) -> plt.Figure:
+@_styled
+def compare_bounds_figure(tables: pd.DataFrame, names: dict[str, str] | None = None) -> Figure:
     """base_lr-max_lr per run (rows) and rule (colours, rule_styles), on a log axis; the
     chosen rule drawn thick. `tables`: the bounds tables with a run_id column."""
-    fig, ax = plt.subplots(figsize=(9, 0.6 * max(3, tables["run_id"].nunique() + 1) + 1.5))
+    fig, ax = _subplots(figsize=(9, 0.6 * max(3, tables["run_id"].nunique() + 1) + 1.5))
     ok = tables[np.isfinite(tables["max_lr"].astype(float))] if len(tables) else tables
     runs = list(dict.fromkeys(tables["run_id"])) if len(tables) else []
     rules = list(dict.fromkeys(tables["rule"])) if len(tables) else []

@@ -100,16 +100,30 @@ class RangeTestResult:
         return pd.DataFrame({"lr": lrs, "median": np.nanmedian(stacked, 0), "low": np.nanmin(stacked, 0),
                              "high": np.nanmax(stacked, 0)})
 
-    def plot(self):
-        """The range-test figure (loss and smoothed loss vs lr, the bounds of every rule; with
-        several seeds the median curve, its min-max band and each rule's spread), the same
-        as the run's range_test/curve.png."""
-        from clr_mlflow.core.plots import range_test_figure
+    def plot(self, ax=None):
+        """The range-test figure: loss and smoothed loss vs lr, the bounds of every rule; with
+        several seeds the median curve, its min-max band and each rule's spread. The same
+        picture as the run's `range_test/curve.png`.
+
+        Args:
+            ax: a matplotlib Axes to draw into (a subplot of your own figure), as Lightning's
+                `lr_finder.plot(ax=...)`; None draws a new figure.
+
+        Returns:
+            The `matplotlib.figure.Figure` drawn on (not shown, and not registered with
+            pyplot: display it with `display(fig)` or save it with `fig.savefig(path)`).
+            Neither pyplot's backend nor any rcParam is changed.
+
+        Example:
+            >>> fig = result.plot()                      # doctest: +SKIP
+            >>> fig.savefig("range_test.png")            # doctest: +SKIP
+        """
+        from clr_mlflow.core.plots import range_test_figure  # matplotlib loads when a figure is drawn
 
         bounds = self.bounds if self.bounds is not None else pd.DataFrame(
             columns=["rule", "base_lr", "max_lr", "selected", "note"])
         return range_test_figure(self.to_frame(), bounds, log_x=self.sweep == "exp", band=self.band(),
-                                 seeds=max(1, len(self.seed_results)))
+                                 seeds=max(1, len(self.seed_results)), ax=ax)
 
 
 class _Column:
@@ -117,7 +131,7 @@ class _Column:
     The loop has one column per model it steps: one, or one per seed (batched.py)."""
 
     def __init__(self, beta: float, diverge: float, sink: Sink):
-        self.smoother, self.rule, self.sink = EMASmoother(beta), DivergenceRule(diverge), sink
+        self.smoother, self.rule, self.sink = EMASmoother(beta), DivergenceRule(diverge, beta), sink
         self.losses: list[np.ndarray] = []
         self.smoothed: list[np.ndarray] = []
         self.terms: dict[str, list[np.ndarray]] = {}
@@ -251,7 +265,8 @@ def range_tests(stepper: Stepper, loader: Iterable, lrs: np.ndarray, *, accumula
     ratios = [g["lr"] / optimizer.param_groups[0]["lr"] for g in optimizer.param_groups]
     curve = _Curve(lrs, sync_every, stepper.device, beta, diverge, sinks, prefix)
     skipped = 0
-    model.train()
+    if not model.training:  # a model handed over in eval mode trains; submodules the user froze stay frozen
+        model.train()
     try:
         stream = cycle(loader)
         with tqdm(total=len(lrs), desc="range test", unit="it", leave=False, disable=not progress) as bar:

@@ -3,12 +3,13 @@
 Every policy answers `height(t)`: how far the lr is from base_lr towards max_lr at
 iteration t (0 = base, 1 = max; one_cycle's final anneal goes below 0). The lr is
 `base_lr + (max_lr - base_lr) * height(t)`, and cycled momentum moves the other way.
-Frozen dataclasses, so schedules pickle into `state_dict()` (lambdas would not).
+Frozen dataclasses (lambdas would not pickle); `ScheduleLR.state_dict()` holds a schedule
+as a plain dict (`Schedule.to_dict`), so it loads with `torch.load(..., weights_only=True)`.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 from torch.optim import Optimizer
@@ -33,6 +34,23 @@ class Schedule:
 
     def lrs(self, num_iters: int) -> np.ndarray:
         return np.array([self.lr(t) for t in range(num_iters)])
+
+    def to_dict(self) -> dict:
+        """Plain values only (the class name and each field as a Python number or string):
+        what `ScheduleLR.state_dict()` stores, and what `from_dict` takes back."""
+        return {"type": type(self).__name__} | {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
+
+    @staticmethod
+    def from_dict(state: dict) -> Schedule:
+        kind = SCHEDULES.get(state.get("type")) if isinstance(state, dict) else None
+        if kind is None:
+            raise ValueError(f"Expected a schedule dict with type in {', '.join(SCHEDULES)}, but got {state!r}")
+        return kind(**{k: v for k, v in state.items() if k != "type"})
+
+
+def _plain(value):
+    """A NumPy scalar or one-element tensor as the Python number it holds."""
+    return value.item() if hasattr(value, "item") and not isinstance(value, (int, float, str)) else value
 
 
 @dataclass(frozen=True)
@@ -91,6 +109,9 @@ class Fixed(Schedule):
         return 0.0
 
 
+SCHEDULES = {kind.__name__: kind for kind in (CyclicLR, OneCycle, Fixed)}
+
+
 def make_schedule(
     policy: str,
     base_lr: float,
@@ -135,6 +156,25 @@ class ScheduleLR(LRScheduler):
         self.schedule = schedule
         self.momentum = momentum
         super().__init__(optimizer, last_epoch)
+
+    def state_dict(self) -> dict:
+        """torch's scheduler state with plain values only: the schedule as a dict and the
+        momentum bounds as a list, so `torch.load(..., weights_only=True)` (torch's default,
+        Lightning's checkpoints) reads it back."""
+        state = super().state_dict()
+        state["schedule"] = self.schedule.to_dict()
+        state["momentum"] = list(self.momentum) if self.momentum is not None else None
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Takes what `state_dict()` gave (a state from before, holding the Schedule
+        itself, too): the schedule, momentum bounds and position all become the saved ones."""
+        state = dict(state_dict)
+        if isinstance(state.get("schedule"), dict):
+            state["schedule"] = Schedule.from_dict(state["schedule"])
+        if state.get("momentum") is not None:
+            state["momentum"] = tuple(state["momentum"])
+        super().load_state_dict(state)
 
     def get_lr(self) -> list[float]:
         # Group g keeps its starting ratio to group 0 (discriminative lrs): the schedule's

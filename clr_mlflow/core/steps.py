@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clr_mlflow.core import distributed
+from clr_mlflow.core.engine import module_modes, restore_modes
 
 LossFn = Callable[[nn.Module, Any], "torch.Tensor | Mapping[str, torch.Tensor]"]
 
@@ -72,6 +73,7 @@ class CrossEntropy:
     def __call__(self, model: nn.Module, batch: Any) -> torch.Tensor:
         x, y = inputs_and_targets(batch)
         out = model(x)
+        check_classification(out, y)
         right = (out.detach().argmax(1) == y).sum()
         self.correct = right if self.correct is None else self.correct + right
         self.seen += len(y)
@@ -91,16 +93,64 @@ class CrossEntropy:
         return None if not seen else correct.item() / seen
 
 
+PASS_LOSS_FN = "pass loss_fn(model, batch) returning the loss"
+
+
+def check_classification(out: Any, y: torch.Tensor) -> None:
+    """What the default cross-entropy can read: a logits tensor (N, C, ...) and integer class
+    targets (N, ...). Anything else — float targets (a regression: cross-entropy over one
+    column is exactly 0), a dict or tuple output, mismatched shapes — is a one-line error
+    instead of a silent zero loss or a failure deep inside the run. Shape and dtype checks
+    only: no host sync."""
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"Expected the model to return a logits tensor for the default loss_fn (loss_fn=None), but "
+                        f"got {type(out).__name__}: {PASS_LOSS_FN}")
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise TypeError(f"Expected integer class targets for the default loss_fn (loss_fn=None), but got {y.dtype} "
+                        f"targets of shape {tuple(y.shape)}: {PASS_LOSS_FN} (e.g. mse_loss for a regression)")
+    if out.dim() < 2 or out.shape[0] != y.shape[0] or out.shape[2:] != y.shape[1:]:
+        raise ValueError(f"Expected logits (N, C, ...) and targets (N, ...) for the default loss_fn (loss_fn=None), "
+                         f"but got logits {tuple(out.shape)} and targets {tuple(y.shape)}: {PASS_LOSS_FN}")
+
+
+def _carried_loss(out: Any) -> Any:
+    """The `loss` an output carries: a Hugging Face ModelOutput (a mapping with a `loss`
+    attribute), `{"loss": l, "logits": ...}`, or any object with a tensor `.loss`; None if none."""
+    if isinstance(out, Mapping):
+        return out.get("loss")
+    loss = getattr(out, "loss", None)
+    return loss if isinstance(loss, torch.Tensor) else None
+
+
+def _describe(values: Mapping) -> str:
+    return ", ".join(f"{k}: {tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__}"
+                     for k, v in values.items())
+
+
 def total_loss(out: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """(the loss to minimise, its named terms): a dict of losses is summed."""
+    """(the loss to minimise, its named terms) from what loss_fn returned: a scalar tensor;
+    an output that carries a `loss` (its loss, the rest ignored); or a dict of scalar losses
+    (summed, each a named term). Anything else is a one-line error naming what was there."""
+    carried = _carried_loss(out)
+    if carried is not None:
+        if isinstance(carried, torch.Tensor) and carried.numel() == 1:
+            return carried.reshape(()), {}
+        raise TypeError(f"Expected the loss that loss_fn's output carries to be a scalar tensor, but got "
+                        f"{_describe({'loss': carried})}")
     if isinstance(out, Mapping):
         if not out:
             raise ValueError("Expected loss_fn to return a loss or a non-empty dict of losses, but got {}")
-        terms = {str(k): v for k, v in out.items()}
+        bad = {k: v for k, v in out.items() if not (isinstance(v, torch.Tensor) and v.numel() == 1)}
+        if bad:
+            raise TypeError(f"Expected loss_fn to return a scalar loss, a dict of scalar losses or an output with a "
+                            f"'loss', but got a {type(out).__name__} with non-scalar {_describe(bad)}")
+        terms = {str(k): v.reshape(()) for k, v in out.items()}
         return sum(terms.values()), terms
     if isinstance(out, torch.Tensor) and out.numel() == 1:
         return out.reshape(()), {}
-    raise TypeError(f"Expected loss_fn to return a scalar tensor or a dict of them, but got {type(out).__name__}")
+    shape = f" of shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else ""
+    raise TypeError(f"Expected loss_fn to return a scalar loss, a dict of scalar losses or an output with a 'loss', "
+                    f"but got {type(out).__name__}{shape}")
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
@@ -211,11 +261,12 @@ def metric_eval(metric_fn: Callable[[nn.Module, Iterable], float]) -> Evaluator:
 
 
 def evaluate(evaluator: Evaluator, model: nn.Module, loader: Iterable) -> dict[str, float]:
-    """Run an evaluator in eval mode without gradients, then put the mode back."""
-    was_training = model.training
+    """Run an evaluator in eval mode without gradients, then put every submodule's mode back
+    (`model.train(True)` would also wake a submodule the user froze in eval mode)."""
+    modes = module_modes(model)
     model.eval()
     try:
         with torch.no_grad():
             return evaluator(model, loader)
     finally:
-        model.train(was_training)
+        restore_modes(modes)

@@ -1,7 +1,9 @@
 """How every write reaches the tracking store (tracking layer, writing): one mechanism.
 
-`deliver` tries the store once (MLflow's HTTP retries, bounded by
-tracking.bounded_http_retries, bound the time); once the store is away for the run, the op
+`deliver` tries the store once, for at most WRITE_DEADLINE seconds (a call that has not
+returned by then is taken as an outage, so a library caller's loop never waits minutes on
+MLflow's default HTTP retries and no environment variable needs setting); once the store
+is away for the run, the op
 goes into the run's spool journal (spool.py) and the caller goes on at once. An op is a
 kind and a JSON payload (plus files); its replayer, registered here or in assets.py, is the
 write itself, used for the first try and again by `replay` (spool.sync, and the end of a
@@ -12,10 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import posixpath
-import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,8 +29,15 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
-from clr_mlflow.tracking import spool
+from clr_mlflow.tracking import compat, spool
 from clr_mlflow.tracking.spool import SyncError, short
+
+log = logging.getLogger(__name__)
+
+WRITE_DEADLINE = 10.0  # seconds one write may take before the store counts as away
+# Ops whose writes go to the store by run id (no fluent state), so they can run on a
+# deadline thread; "inputs" and "model" use MLflow's fluent API, which is per thread.
+BY_ID = {"metrics", "params", "tags", "artifact", "table", "status"}
 
 # One MLflow HTTP call against a dead server: ~3 s (refused), ~35 s at worst (no answer),
 # instead of MLflow's default of minutes (7 retries, backoff factor 2, 120 s timeout).
@@ -65,6 +75,32 @@ def unreachable(uri: str, timeout: float = 10.0) -> str | None:
     elif uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
         return f"Expected a SQLite tracking store at {uri}, but there is no such file"
     return None
+
+
+class StoreTimeout(TimeoutError):
+    """A store call that did not return within its deadline: an outage (TimeoutError is an
+    OSError, which is_outage counts as one)."""
+
+
+def within(seconds: float, call: Callable):
+    """`call()`'s result, or StoreTimeout when it has not returned within `seconds`. It runs
+    on a daemon thread, which is left to finish on its own when late; every replayer is
+    idempotent, so a late write that lands after its op was journaled is not doubled."""
+    done, result = threading.Event(), {}
+
+    def run() -> None:
+        try:
+            result["value"] = call()
+        except BaseException as e:  # noqa: BLE001 - raised on the caller's thread
+            result["error"] = e
+        done.set()
+
+    threading.Thread(target=run, name="clr_mlflow-write", daemon=True).start()
+    if not done.wait(seconds):
+        raise StoreTimeout(f"the tracking store did not answer within {seconds:g} s")
+    if "error" in result:
+        raise result["error"]
+    return result.get("value")
 
 
 def now_ms() -> int:
@@ -111,7 +147,7 @@ def deliver(run_id: str, kind: str, payload: dict, stage: Callable[[Path], None]
     if pending is not None and pending.waiting and not (pending.away or pending.inherited or pending.stuck):
         _catch_up(pending)
     if pending is None or pending.direct:
-        try:
+        def attempt() -> None:
             if send is not None:
                 send()
             else:
@@ -119,6 +155,8 @@ def deliver(run_id: str, kind: str, payload: dict, stage: Callable[[Path], None]
                     if stage is not None:
                         stage(Path(tmp))
                     REPLAYERS[kind](Replay(MlflowClient(), run_id, Path(tmp)), payload)
+        try:
+            within(WRITE_DEADLINE, attempt) if kind in BY_ID else attempt()
             return True
         except Exception as e:
             if not is_outage(e):
@@ -141,8 +179,8 @@ def _catch_up(pending: spool.Spool) -> None:
                 pending.went_away(e)
             else:
                 pending.stuck = True
-                print(f"warning: run {pending.run_id}: the store refused a spooled op ({short(e)}); it stays in "
-                      f"{pending.dir}", file=sys.stderr)
+                log.warning(f"warning: run {pending.run_id}: the store refused a spooled op ({short(e)}); it stays "
+                            f"in {pending.dir}")
             return
         pending.waiting.pop(0)
 
@@ -202,24 +240,6 @@ def _replay_table(ctx: Replay, entry: dict) -> None:
         ctx.client.set_tag(ctx.run_id, MLFLOW_LOGGED_ARTIFACTS, json.dumps(listed))
 
 
-def leave_run(run_id: str, forget_env: bool) -> None:
-    """What mlflow.end_run does besides telling the store (mlflow 3.17.2's fluent state):
-    the run leaves this thread's active-run stack and its system-metrics monitor stops.
-    end_run pops the stack *before* set_terminated, so after it raised only the monitor is
-    left to stop; when the store is away the status is journaled and this is the whole end."""
-    from mlflow.tracking import fluent
-
-    stack = fluent._active_run_stack.get()
-    if stack and stack[-1].info.run_id == run_id:
-        stack.pop()
-        fluent._last_active_run_id.set(run_id)
-        if forget_env:
-            os.environ.pop("MLFLOW_RUN_ID", None)
-    monitor = fluent.run_id_to_system_metrics_monitor.pop(run_id, None)
-    if monitor is not None:
-        monitor.finish()
-
-
 @contextlib.contextmanager
 def as_active_run(run_id: str):
     """`run_id` as the active run for fluent calls that need one (a Logged Model takes its
@@ -232,7 +252,7 @@ def as_active_run(run_id: str):
     try:
         yield
     finally:
-        leave_run(run_id, forget_env=False)
+        compat.leave_fluent_run(run_id, "FINISHED")
 
 
 @contextlib.contextmanager
@@ -295,20 +315,23 @@ def settle(run_id: str) -> Path | None:
             replay(pending.dir, run_id, pending.tracking_uri)
             pending.all_delivered()
         except Exception as e:  # noqa: BLE001 - it stays in the spool for `sync`
-            print(f"warning: run {run_id}: the spool could not be sent yet ({short(e)})", file=sys.stderr)
+            log.warning(f"warning: run {run_id}: the spool could not be sent yet ({short(e)})")
     pending.release()
     return spool.pending_dir(run_id)
 
 
 def end_run(run_id: str, status: str) -> None:
-    """End the active run `run_id`: its status goes the way of every write (journaled when
-    the store is away or ops wait ahead of it), what waits is sent now if the store
-    answers again, and the run leaves the active-run stack whatever the store says."""
+    """End the run `run_id`, by id: its status goes the way of every write (journaled when
+    the store is away or ops wait ahead of it), what waits is sent now if the store answers
+    again, and, when it is this thread's active run (an application's own), it leaves the
+    active-run stack whatever the store says. No other run on the stack is touched."""
+    end_time = now_ms()
     try:
-        deliver(run_id, "status", {"status": status, "end_time": now_ms()}, send=lambda: mlflow.end_run(status))
+        deliver(run_id, "status", {"status": status, "end_time": end_time},
+                send=lambda: MlflowClient().set_terminated(run_id, status, end_time))
         left = settle(run_id)
     finally:
-        leave_run(run_id, forget_env=True)
+        compat.leave_fluent_run(run_id, status)
     if left is not None:
-        print(f"warning: run {run_id} ended {status} while the tracking store did not take all of it: the rest is "
-              f"spooled at {left}; send it with `clr-mlflow sync {left}`", file=sys.stderr)
+        log.warning(f"warning: run {run_id} ended {status} while the tracking store did not take all of it: the "
+                    f"rest is spooled at {left}; send it with `clr-mlflow sync {left}`")

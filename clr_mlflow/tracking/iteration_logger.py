@@ -3,8 +3,9 @@ loop. Its chunks go to the run's spool (spool.py) before a background thread sen
 from __future__ import annotations
 
 import itertools
+import logging
+import numbers
 import queue
-import sys
 import threading
 import time
 
@@ -18,7 +19,23 @@ from clr_mlflow.tracking import delivery
 from clr_mlflow.tracking import spool
 from clr_mlflow.core.checks import is_int, need
 
+log = logging.getLogger(__name__)
+
 RETRY_FIRST, RETRY_CAP = 0.5, 5.0  # the writer's backoff between tries of one chunk (seconds)
+
+
+def _check_value(key: str, value) -> None:
+    """One number per key and step, refused at the call that logs it (not 64 calls later,
+    when the buffer goes to the device and then to MLflow)."""
+    if isinstance(value, torch.Tensor):
+        ok = value.numel() == 1 and not value.is_complex()
+        got = f"a tensor of shape {tuple(value.shape)}"
+    else:
+        ok = isinstance(value, (numbers.Real, np.number)) and not isinstance(value, (bool, np.bool_))
+        got = f"{type(value).__name__} {value!r}"[:80]
+    if not ok:
+        raise ValueError(f"Expected a number or a one-element tensor for IterationLogger.log({key}=...), but got "
+                         f"{got}")
 
 
 class IterationLogger:
@@ -55,7 +72,9 @@ class IterationLogger:
         if run_id is None:
             active = mlflow.active_run()
             if active is None:
-                raise ValueError("Expected run_id or an active MLflow run (mlflow.start_run()), but there is none")
+                raise ValueError("Expected run_id=... or an active MLflow run, but there is none: pass the run's id, "
+                                 "e.g. IterationLogger(run_id=trainer.logger.run_id) under Lightning's MLFlowLogger, "
+                                 "or log inside `with mlflow.start_run():`")
             run_id = active.info.run_id
         need(is_int(log_every, 1), "log_every", "positive integer", log_every)
         self.run_id, self.prefix, self.log_every = run_id, prefix, log_every
@@ -89,6 +108,8 @@ class IterationLogger:
         """Record `values` (floats or 0-dim tensors) at `step`, under `prefix`."""
         if step % self.log_every:
             return
+        for key, value in values.items():
+            _check_value(key, value)
         for key, value in values.items():
             steps, vals = self.logged.setdefault(self.prefix + key, ([], []))
             steps.append(step)
@@ -159,20 +180,25 @@ class IterationLogger:
                 return
 
     def close(self) -> None:
+        """Send what is buffered, wait up to `close_timeout` for the store, stop the writer
+        thread and let go of the spool — all of it also when sending fails on the way (the
+        first such error is raised after, never instead of, the clean-up)."""
         if self.closed:
             return
         self.closed = True
         try:
-            self._sync_logged()
-        finally:  # what is on the host already is sent even when the device copy fails
-            self.flush()
-        self.queue.put(None)
-        self.writer.join(self.close_timeout)
-        self.stopped.set()  # a writer still trying gives up; its chunks are in the spool
-        if self.writer.is_alive() or self.unsent:
-            print(f"warning: run {self.run_id}: the tracking store has not taken every value after "
-                  f"{self.close_timeout:g} s; they are kept in {self.spool.dir}", file=sys.stderr)
-        self.spool.release(holder=True)
+            try:
+                self._sync_logged()
+            finally:  # what is on the host already is sent even when the device copy fails
+                self.flush()
+        finally:
+            self.queue.put(None)
+            self.writer.join(self.close_timeout)
+            self.stopped.set()  # a writer still trying gives up; its chunks are in the spool
+            if self.writer.is_alive() or self.unsent:
+                log.warning(f"warning: run {self.run_id}: the tracking store has not taken every value after "
+                            f"{self.close_timeout:g} s; they are kept in {self.spool.dir}")
+            self.spool.release(holder=True)
         if self.refused is not None:
             raise self.refused
 
@@ -186,5 +212,4 @@ class IterationLogger:
         try:
             self.close()
         except Exception as write_error:  # noqa: BLE001 - keep the error that ended the loop
-            print(f"warning: metrics not stored ({write_error}); the run ended with {exc_type.__name__}",
-                  file=sys.stderr)
+            log.warning(f"warning: metrics not stored ({write_error}); the run ended with {exc_type.__name__}")

@@ -4,13 +4,13 @@ metrics: iteration_logger.py."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import platform
 import posixpath
-import random
+import secrets
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import matplotlib.figure
@@ -21,31 +21,34 @@ import torch
 from mlflow import MlflowClient
 from mlflow.entities import Metric
 
-from clr_mlflow.tracking import delivery
-from clr_mlflow.tracking import spool
+from clr_mlflow.tracking import compat, delivery, spool
+
+log = logging.getLogger(__name__)
 
 BOUNDS_TABLE = "range_test/bounds.json"
+PARENT_TAG = "mlflow.parentRunId"  # how MLflow's UI nests a child run under its parent
 
 
 def bounded_http_retries() -> None:
-    """Bound MLflow's HTTP retries (variables the user set win), so that one call to a
-    store that went away fails within seconds and the spool takes over."""
+    """For applications (the CLI) only, which own their process: bound MLflow's HTTP retries
+    through its environment variables (those the user set win), so one call to a store that
+    went away fails within seconds. The library never sets them: its writes are bounded by
+    delivery's deadline instead."""
     for name, value in delivery.HTTP_RETRY_LIMITS.items():
         os.environ.setdefault(name, value)
 
 
-def fresh_run_name() -> str:
-    """MLflow's adjective-noun-number name, drawn from fresh entropy: MLflow draws it from
-    Python's `random`, which our seed has just set, so every run of a seed would share one
-    name. The seeded state is put back untouched."""
-    from mlflow.utils.name_utils import _generate_random_name
+_ADJECTIVES = ("amber", "brisk", "calm", "deft", "eager", "fleet", "gentle", "hardy", "keen", "lucid", "merry",
+               "nimble", "proud", "quiet", "rapid", "sly", "steady", "tidy", "vivid", "wise")
+_NOUNS = ("badger", "crane", "dolphin", "falcon", "gecko", "heron", "ibis", "jaguar", "koala", "lynx", "marten",
+          "newt", "otter", "panda", "quail", "raven", "stoat", "tapir", "vole", "wren")
 
-    state = random.getstate()
-    random.seed()
-    try:
-        return _generate_random_name()
-    finally:
-        random.setstate(state)
+
+def fresh_run_name() -> str:
+    """An adjective-noun-number run name from fresh entropy (`secrets`): MLflow draws its
+    names from Python's `random`, which a seeded program has just set, so every run of one
+    seed would share a name; `secrets` leaves the caller's `random` state alone."""
+    return f"{secrets.choice(_ADJECTIVES)}-{secrets.choice(_NOUNS)}-{secrets.randbelow(1000)}"
 
 
 @contextlib.contextmanager
@@ -63,8 +66,8 @@ def active_run(experiment: str, run_name: str = "", tags: dict | None = None, sy
             _set_experiment(experiment)
             run_name = run_name or fresh_run_name()
         started = mlflow.start_run(run_name=run_name or None, tags=tags, log_system_metrics=system_metrics)
-    with _ended_by_outcome(started) as run:
-        yield run
+    with _ended_by_outcome(started.info.run_id):
+        yield started
 
 
 def _set_experiment(name: str) -> None:
@@ -83,20 +86,20 @@ def _set_experiment(name: str) -> None:
 
 
 @contextlib.contextmanager
-def _ended_by_outcome(run):
-    """End `run` FINISHED, KILLED (a KeyboardInterrupt: Ctrl-C, or SIGTERM turned into one)
-    or FAILED. A store that fails to take the status never replaces the error on its way."""
+def _ended_by_outcome(run_id: str):
+    """End `run_id` FINISHED, KILLED (a KeyboardInterrupt: Ctrl-C, or SIGTERM turned into one)
+    or FAILED, by id. A store that fails to take the status never replaces the error on its way."""
     global _last_run_id
-    _last_run_id = run.info.run_id
+    _last_run_id = run_id
     try:
-        yield run
+        yield
     except BaseException as e:
         try:
-            delivery.end_run(run.info.run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+            delivery.end_run(run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         except Exception as store_error:  # noqa: BLE001
-            print(f"warning: run {run.info.run_id} not marked ended: {store_error}", file=sys.stderr)
+            log.warning(f"warning: run {run_id} not marked ended: {store_error}")
         raise
-    delivery.end_run(run.info.run_id, "FINISHED")
+    delivery.end_run(run_id, "FINISHED")
 
 
 def undelivered(run_id: str) -> Path | None:
@@ -105,34 +108,55 @@ def undelivered(run_id: str) -> Path | None:
     return spool.pending_dir(run_id)
 
 
+def callers_run() -> str | None:
+    """The run the calling program logs into: its active run, else the one `mlflow run`
+    made for it (MLFLOW_RUN_ID, read, never changed); None when it has none."""
+    active = mlflow.active_run()
+    return active.info.run_id if active is not None else os.environ.get("MLFLOW_RUN_ID") or None
+
+
 @contextlib.contextmanager
-def run_scope(tags: dict | None = None, taken_by: str | None = None):
-    """The active run's id, or a new run (in the active experiment) for the block, ended
-    when it ends (FAILED if it raises). An active run gets those of `tags` it lacks.
-    `taken_by`: a metric whose presence in the active run means an earlier block already
-    logged there (a second lr_find: its steps would interleave with the first's and its
-    params clash), so the block gets a child run of the active run instead."""
-    run = mlflow.active_run()
-    if run is not None and not (taken_by and _has_metric(run.info.run_id, taken_by)):
-        delivery.deliver(run.info.run_id, "tags", {"tags": _strings(tags or {}), "missing_only": True})
-        yield run.info.run_id
+def run_scope(tags: dict | None = None, params: dict | None = None, taken_by: str | None = None):
+    """The library's run for a block: the caller's run (see `callers_run`), or a new run in
+    the caller's active experiment, made and ended by id so the caller's active-run stack
+    never changes (compat.start_detached_run); it ends when the block does (FAILED if it
+    raises). The caller's run gets those of `tags` it lacks. When it cannot take the block's
+    writes whole — it already holds the metric `taken_by` (a second lr_find: the steps would
+    interleave) or a param of `params` with another value (params are write-once) — the
+    block gets a child run of it instead, and says so."""
+    tags = _strings(tags or {})
+    parent = callers_run()
+    why = parent and _why_taken(parent, taken_by, _strings(params or {}))
+    if parent is not None and not why:
+        delivery.deliver(parent, "tags", {"tags": tags, "missing_only": True})
+        yield parent
         return
-    with _ended_by_outcome(mlflow.start_run(run_name=fresh_run_name(), tags=tags, nested=run is not None)) as child:
-        if run is not None:
-            print(f"note: run {run.info.run_id} already has {taken_by}; this one logs into its child run "
-                  f"{child.info.run_id}", file=sys.stderr)
-        yield child.info.run_id
+    if parent is not None:
+        experiment = MlflowClient().get_run(parent).info.experiment_id
+        run_id = MlflowClient().create_run(experiment, tags=tags | {PARENT_TAG: parent},
+                                           run_name=fresh_run_name()).info.run_id
+        log.info(f"note: run {parent} {why}; this one logs into its child run {run_id}")
+    else:
+        run_id = compat.start_detached_run(fresh_run_name(), tags)
+    with _ended_by_outcome(run_id):
+        yield run_id
 
 
-def _has_metric(run_id: str, key: str) -> bool:
-    """Whether the run has logged `key`; with the store away, False (the block logs into the
-    run and its writes are spooled, as they would be without the question)."""
+def _why_taken(run_id: str, metric: str | None, params: dict[str, str]) -> str | None:
+    """Why `run_id` cannot take a block that logs `metric` and `params`; None when it can, or
+    when the store is away (the block logs into the run and its writes are spooled)."""
     try:
-        return key in MlflowClient().get_run(run_id).data.metrics
+        data = delivery.within(delivery.WRITE_DEADLINE, lambda: MlflowClient().get_run(run_id).data)
     except Exception as e:  # noqa: BLE001
         if delivery.is_outage(e):
-            return False
+            return None
         raise
+    if metric and metric in data.metrics:
+        return f"already has {metric}"
+    clash = sorted(k for k, v in params.items() if k in data.params and data.params[k] != v)
+    if clash:
+        return f"already has param {clash[0]}={data.params[clash[0]]!r} (this one: {params[clash[0]]!r})"
+    return None
 
 
 def git_commit() -> str:
@@ -163,10 +187,13 @@ def provenance_tags(device: str) -> dict[str, str]:
 # Every write below goes through delivery.deliver: tried once (bounded), journaled once the
 # store is away for the run; the replayers in delivery.py are the writes themselves.
 
-def _active_run_id() -> str:
+def _run(run_id: str | None) -> str:
+    """`run_id`, else the active run's."""
+    if run_id:
+        return run_id
     run = mlflow.active_run()
     if run is None:
-        raise ValueError("Expected an active MLflow run (mlflow.start_run()), but there is none")
+        raise ValueError("Expected run_id or an active MLflow run (mlflow.start_run()), but there is none")
     return run.info.run_id
 
 
@@ -174,14 +201,14 @@ def _strings(values: dict) -> dict[str, str]:
     return {k: str(v) for k, v in values.items()}
 
 
-def log_params(params: dict) -> None:
+def log_params(params: dict, run_id: str | None = None) -> None:
     """Log params not yet in the run. `mlflow run` has already logged its entry point's
     parameters as the user typed them ("10" where we would write "10.0"); those stay."""
-    delivery.deliver(_active_run_id(), "params", {"params": _strings(params)})
+    delivery.deliver(_run(run_id), "params", {"params": _strings(params)})
 
 
-def log_metrics(values: dict[str, float]) -> None:
-    run_id, ts = _active_run_id(), delivery.now_ms()
+def log_metrics(values: dict[str, float], run_id: str | None = None) -> None:
+    run_id, ts = _run(run_id), delivery.now_ms()
     metrics = [Metric(k, float(v), ts, 0) for k, v in values.items()]
     chunk = [(ts, np.zeros(1, dtype=np.int64), {k: np.array([float(v)]) for k, v in values.items()})]
     delivery.deliver(run_id, "metrics", {"keys": spool.encode_metrics(chunk)},
@@ -189,42 +216,39 @@ def log_metrics(values: dict[str, float]) -> None:
 
 
 def set_tags(tags: dict[str, str], run_id: str | None = None) -> None:
-    delivery.deliver(run_id or _active_run_id(), "tags", {"tags": _strings(tags), "missing_only": False})
+    delivery.deliver(_run(run_id), "tags", {"tags": _strings(tags), "missing_only": False})
 
 
-def _deliver_file(path: str, write, kind: str = "artifact", send=None) -> None:
+def _deliver_file(path: str, write, kind: str = "artifact", send=None, run_id: str | None = None) -> None:
     """An artifact at run-relative `path`, made by `write(local_file)` where it is needed: a
     temporary folder for the first try, the spool when the store is away."""
     name = posixpath.basename(path)
-    delivery.deliver(_active_run_id(), kind, {"file": name, "path": path},
+    delivery.deliver(_run(run_id), kind, {"file": name, "path": path},
                      stage=lambda folder: write(folder / name), send=send)
 
 
-def log_figure(fig: matplotlib.figure.Figure, path: str) -> None:
-    import matplotlib.pyplot as plt
-
-    try:
-        _deliver_file(path, fig.savefig)
-    finally:
-        plt.close(fig)
+def log_figure(fig: matplotlib.figure.Figure, path: str, run_id: str | None = None) -> None:
+    """A figure as a PNG artifact, saved as it was drawn, never shown. Our figures are made
+    without pyplot (plots.py), so there is nothing to close and no backend involved."""
+    _deliver_file(path, fig.savefig, run_id=run_id)
 
 
-def log_frame_csv(df: pd.DataFrame, path: str) -> None:
-    _deliver_file(path, lambda file: file.write_text(df.to_csv(index=False), encoding="utf-8"))
+def log_frame_csv(df: pd.DataFrame, path: str, run_id: str | None = None) -> None:
+    _deliver_file(path, lambda file: file.write_text(df.to_csv(index=False), encoding="utf-8"), run_id=run_id)
 
 
-def log_artifact_file(local_path: str | Path, artifact_dir: str) -> None:
-    """Copy a local file into the active run's artifacts, under `artifact_dir`."""
-    run_id = _active_run_id()
+def log_artifact_file(local_path: str | Path, artifact_dir: str, run_id: str | None = None) -> None:
+    """Copy a local file into the run's artifacts, under `artifact_dir`."""
+    run_id = _run(run_id)
     _deliver_file(posixpath.join(artifact_dir, Path(local_path).name), lambda file: shutil.copy2(local_path, file),
-                  send=lambda: MlflowClient().log_artifact(run_id, str(local_path), artifact_dir))
+                  send=lambda: MlflowClient().log_artifact(run_id, str(local_path), artifact_dir), run_id=run_id)
 
 
-def log_table(table: pd.DataFrame, path: str) -> None:
+def log_table(table: pd.DataFrame, path: str, run_id: str | None = None) -> None:
     """A table the UI shows (MLflow's log_table file and tag); a second call replaces the
     file (mlflow.log_table appends rows), so that a replay is idempotent."""
     _deliver_file(path, lambda file: table.to_json(file, orient="split", index=False, date_format="iso"),
-                  kind="table")
+                  kind="table", run_id=run_id)
 
 
 def delete_run(run_id: str) -> None:

@@ -1,7 +1,9 @@
 """The local spool (tracking layer, writing): what a run wrote, kept on disk until the
 tracking store has taken it, so an outage or a SIGKILL loses nothing but the last seconds.
 
-One folder per run, `$CLR_MLFLOW_SPOOL_DIR/<run_id>/` (default `./clr_mlflow_spool/`):
+One folder per run, `$CLR_MLFLOW_SPOOL_DIR/<run_id>/` (default: the per-user cache,
+`$XDG_CACHE_HOME/clr_mlflow/spool` or `~/.cache/clr_mlflow/spool`, never the caller's
+working directory), made private to its owner (0700):
 `run.json` (store URI, run id, pid), `lock` (flock held by the live writer), `journal.jsonl`
 (one op a line, append-only; a torn last line after SIGKILL is ignored) and `files/` (the
 artifacts and the model an op needs). Every metric chunk is journaled before it is sent;
@@ -15,11 +17,12 @@ import base64
 import contextlib
 import errno
 import fcntl
+import glob
 import json
 import mmap
 import os
+import logging
 import shutil
-import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -34,8 +37,23 @@ class SyncError(ValueError):
     """A spool cannot be sent now: one line saying why."""
 
 
+log = logging.getLogger(__name__)
+
+
 def spool_root() -> Path:
-    return Path(os.environ.get("CLR_MLFLOW_SPOOL_DIR") or Path.cwd() / "clr_mlflow_spool").absolute()
+    """Where spool folders live: $CLR_MLFLOW_SPOOL_DIR, else the per-user cache directory.
+    Never the working directory: the library runs inside other people's programs."""
+    if os.environ.get("CLR_MLFLOW_SPOOL_DIR"):
+        return Path(os.environ["CLR_MLFLOW_SPOOL_DIR"]).absolute()
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return (Path(cache) / "clr_mlflow" / "spool").absolute()
+
+
+def _private_dir(folder: Path) -> None:
+    """Make `folder` (and missing parents) readable by its owner only: a spool holds a run's
+    values, artifacts and model, and `sync` trusts only what its owner wrote."""
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(folder, 0o700)  # mkdir's mode is masked by the umask
 
 
 def short(error: BaseException) -> str:
@@ -197,7 +215,7 @@ class Spool:
             try:
                 self._open()
             except OSError as e:  # a full or read-only disk: the run goes on, unspooled
-                print(f"warning: run {self.run_id}: no spool ({e})", file=sys.stderr)
+                log.warning(f"warning: run {self.run_id}: no spool ({e})")
 
     def _open(self) -> None:
         if self.dir is not None:
@@ -205,7 +223,7 @@ class Spool:
         root = spool_root()
         for name in (self.run_id, f"{self.run_id}.{os.getpid()}"):  # the second if another live process has it
             folder = root / name
-            folder.mkdir(parents=True, exist_ok=True)
+            _private_dir(folder)
             lock = open(folder / LOCK_FILE, "a+")
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -237,8 +255,8 @@ class Spool:
                 token = self._write(entry)
             except OSError as e:  # a full disk: the values still go to the store, just not spooled
                 if not self.unwritable:
-                    print(f"warning: run {self.run_id}: the spool cannot be written ({e}); values go to the store "
-                          "only", file=sys.stderr)
+                    log.warning(f"warning: run {self.run_id}: the spool cannot be written ({e}); values go to the "
+                                "store only")
                 self.unwritable = True
                 return 0
             self.in_flight.add(token)
@@ -249,15 +267,15 @@ class Spool:
             self.in_flight.discard(token)
             if self.away:
                 self.away = False
-                print(f"note: the tracking store {self.tracking_uri} answers again; run {self.run_id} goes on "
-                      "sending", file=sys.stderr)
+                log.info(f"note: the tracking store {self.tracking_uri} answers again; run {self.run_id} goes on "
+                         "sending")
 
     def went_away(self, error: BaseException) -> None:
         with self.lock:
             if not self.away:
-                print(f"warning: the tracking store {self.tracking_uri} did not take a write of run {self.run_id} "
-                      f"({short(error)}); what it has not taken is kept in {self.dir or spool_root() / self.run_id} "
-                      "and sent when it answers", file=sys.stderr)
+                log.warning(f"warning: the tracking store {self.tracking_uri} did not take a write of run "
+                            f"{self.run_id} ({short(error)}); what it has not taken is kept in "
+                            f"{self.dir or spool_root() / self.run_id} and sent when it answers")
             self.away = True
 
     def journal_op(self, kind: str, payload: dict, stage: Callable[[Path], None] | None) -> None:
@@ -328,7 +346,7 @@ def folders(run_id: str) -> list[Path]:
     """The spool folders of `run_id` under the spool root (left by a process that died, or
     by one whose store was away; `<run_id>.<pid>` when two processes wrote it)."""
     root = spool_root()
-    return [f for f in [root / run_id, *sorted(root.glob(f"{run_id}.*"))] if (f / RUN_FILE).is_file()]
+    return [f for f in [root / run_id, *sorted(root.glob(f"{glob.escape(run_id)}.*"))] if (f / RUN_FILE).is_file()]
 
 
 def find(run_id: str) -> Path | None:
