@@ -23,7 +23,7 @@ CASES = [
     (["resume"], "Error: Missing argument 'RUN_ID'."),
     (["train", "--bounds-from", "last"], BOUNDS_FROM + "'last'"),
     (["run", "--bounds-from", H[:8]], BOUNDS_FROM + f"'{H[:8]}'"),
-    (["range-test", "--num-iters", "1"], "Error: Expected 0 (one epoch) or an integer >= 2 for num_iters, but got 1"),
+    (["range-test", "--num-iters", "1"], "Error: Expected 0 (one epoch) or an integer >= 10 for num_iters, but got 1"),
     (["range-test", "--lr-start", "0"], "Error: Expected positive lr_start, but got 0.0"),
     (["range-test", "--lr-end", "1e-6"], "Error: Expected value > lr_start=1e-05 for lr_end, but got 1e-06"),
     (["range-test", "--bogus"], "Error: No such option '--bogus'. Did you mean '--bounds-rule'?"),

@@ -434,3 +434,21 @@ def test_fresh_run_names_leave_the_callers_random_state_alone():
     state = random.getstate()
     names = {tracking_runs.fresh_run_name() for _ in range(20)}
     assert random.getstate() == state and len(names) > 1
+
+
+# Short loaders in the CLI ---------------------------------------------------------------
+
+def test_the_clis_range_test_on_a_small_folder_runs_num_iters_across_epochs(tracking, tmp_path):
+    """3 classes x 6 images, batch 4: 4 batches an epoch (val_fraction 0), 25 iterations."""
+    from clr_mlflow.app.config import Config, ConfigError
+    from clr_mlflow.app.runner import execute
+    from tests.conftest import make_image_folder
+
+    root = make_image_folder(tmp_path / "imgs", size=12)
+    base = dict(data=str(root), data_dir=str(tmp_path / "cache"), image_size=16, batch_size=4, val_fraction=0.0,
+                device="cpu", model="small_cnn", lr_start=1e-4, lr_end=1.0, diverge=1e9, experiment="small")
+    out = execute(Config(**base, num_iters=25), "range-test")
+    steps = [m.step for m in MlflowClient().get_metric_history(out.run_id, "range_test/lr")]
+    assert sorted(steps) == list(range(25))
+    with pytest.raises(ConfigError, match=r"one-epoch range test \(num_iters=0\).*set num_iters"):
+        execute(Config(**base, num_iters=0), "range-test")

@@ -136,10 +136,12 @@ def execute(cfg: Config, command: str, tags: dict | None = None,
     if ranks.world > 1:  # gradients averaged over the ranks; the module keeps `model`'s weights
         net = torch.nn.parallel.DistributedDataParallel(net)
     num_iters = cfg.num_iters or len(loaders.train)
-    if RANGE in phases and len(loaders.train) < MIN_STEPS:
-        raise ConfigError(f"Expected at least {MIN_STEPS} batches per epoch for the range test, but the training "
-                          f"set gives {len(loaders.train)} of batch_size={cfg.batch_size}: use more images or a "
-                          "smaller batch_size")
+    # num_iters iterations run across epochs (the loader starts again); only "one epoch"
+    # (num_iters=0) depends on the epoch's length.
+    if RANGE in phases and not cfg.num_iters and len(loaders.train) < MIN_STEPS:
+        raise ConfigError(f"Expected at least {MIN_STEPS} batches per epoch for a one-epoch range test (num_iters=0), "
+                          f"but the training set gives {len(loaders.train)} of batch_size={cfg.batch_size}: set "
+                          f"num_iters (e.g. --num-iters 100; the range test runs across epochs)")
     optimizer = make_optimizer(model, cfg.optimizer, cfg.lr_start, cfg.momentum, cfg.nesterov, cfg.weight_decay,
                                param_groups(cfg, model))
     # bf16 autocast on CUDA (no loss scaling needed); plain fp32 on the CPU.
