@@ -26,5 +26,16 @@ def csv_list(text: str, kind=str, what: str = "") -> list:
         raise ConfigError(f"Expected {what} to be integers separated by commas, but got {text!r}") from None
 
 
+TRUE, FALSE = {"1", "true", "t", "yes", "y", "on"}, {"0", "false", "f", "no", "n", "off"}  # click's BOOL words
+
+
+def boolean(text: str) -> bool:
+    """A boolean as the CLI accepts it (click's words, any case), or ValueError."""
+    word = text.strip().lower()
+    if word in TRUE or word in FALSE:
+        return word in TRUE
+    raise ValueError(text)
+
+
 def plural(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}s"

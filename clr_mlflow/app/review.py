@@ -7,15 +7,15 @@ import time
 import typing
 from dataclasses import dataclass, field, fields
 
-import click
 import numpy as np
 import pandas as pd
 
 from clr_mlflow.data import plugins
-from clr_mlflow.tracking import delivery, history
+from clr_mlflow.tracking import history
 from clr_mlflow.core import plots
 from clr_mlflow.tracking import runs as tracking
 from clr_mlflow.core.compare import leaderboard, verdict
+from clr_mlflow.app.args import boolean
 from clr_mlflow.app.config import ENTRY_POINTS, RANGE, Config, ConfigError
 
 KEY_METRICS = ["bounds/base_lr", "bounds/max_lr", "range_test/iterations", "val/best_accuracy", "test/accuracy",
@@ -26,9 +26,7 @@ def require_store() -> None:
     """compare, reproduce and resume read runs that must be there already: a tracking server
     that does not answer within 10 s, or a SQLite file (or its folder) that does not exist, is
     a one-line ConfigError, and nothing is created for it."""
-    from mlflow import get_tracking_uri  # the URI only (tracking.runs.check_store would make a SQLite file)
-
-    why = delivery.unreachable(get_tracking_uri(), timeout=10.0)
+    why = tracking.store_problem(timeout=10.0)  # (check_store would make a SQLite file)
     if why:
         raise ConfigError(why)
 
@@ -143,14 +141,14 @@ def _parse(name: str, value: str, kind: type, shell_quoted: bool):
         text = parts[0] if parts else ""
     try:
         if kind is bool:
-            return click.BOOL.convert(text, None, None)  # what the CLI accepted: true/on/t/y/1 ...
+            return boolean(text)  # what the CLI accepted: true/on/t/y/1 ...
         if kind is int:
             number = float(text)
             if not number.is_integer():
                 raise ValueError(text)
             return int(number)
         return kind(text)
-    except (ValueError, click.BadParameter):
+    except ValueError:
         raise ConfigError(f"Expected param {name} to be a {kind.__name__}, but got {text!r}") from None
 
 

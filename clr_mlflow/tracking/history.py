@@ -13,7 +13,7 @@ import pandas as pd
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from clr_mlflow.tracking.runs import BOUNDS_TABLE
+BOUNDS_TABLE = "range_test/bounds.json"  # where lr_find logs its bounds table (runs.log_table), read here
 
 
 BOUNDS_COLUMNS = ["rule", "base_lr", "max_lr", "selected", "note", "run_id"]

@@ -22,10 +22,10 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric
 
 from clr_mlflow.tracking import compat, delivery, spool
+from clr_mlflow.tracking.history import BOUNDS_TABLE
 
 log = logging.getLogger(__name__)
 
-BOUNDS_TABLE = "range_test/bounds.json"
 PARENT_TAG = "mlflow.parentRunId"  # how MLflow's UI nests a child run under its parent
 
 
@@ -172,7 +172,7 @@ def git_commit() -> str:
 
 
 def provenance_tags(device: str) -> dict[str, str]:
-    from clr_mlflow import __version__
+    from clr_mlflow.version import __version__
 
     return {
         "clr_mlflow.version": __version__,
@@ -261,6 +261,12 @@ _last_run_id: str | None = None
 def last_run_id() -> str | None:
     """The run this process made last (also after it ended), without asking the store."""
     return _last_run_id
+
+
+def store_problem(timeout: float = 10.0) -> str | None:
+    """Why the configured store cannot be read now (a server that does not answer, a SQLite
+    file that is not there), or None; creates nothing."""
+    return delivery.unreachable(mlflow.get_tracking_uri(), timeout)
 
 
 class StoreError(ValueError):
