@@ -19,7 +19,7 @@ if TYPE_CHECKING:  # for type checkers and the API reference; at run time see __
     from clr_mlflow.core.schedules import clr_scheduler
     from clr_mlflow.tracking.iteration_logger import IterationLogger
 
-from clr_mlflow.version import __version__
+from clr_mlflow.version import __version__  # noqa: F401 - re-exported
 __all__ = ["lr_find", "clr_scheduler", "IterationLogger", "RangeTestResult"]
 
 _WHERE = {

@@ -1,13 +1,11 @@
 """`clr-mlflow`: thin commands over runner.execute, options generated from config.Config."""
 from __future__ import annotations
 
-import atexit
 import contextlib
 import math
 import os
 import signal
 import sys
-import time
 import typing
 from dataclasses import fields
 from typing import NoReturn
@@ -16,6 +14,7 @@ import click
 
 from clr_mlflow.app.args import MAX_TRIALS, csv_list, plural, run_id as checked_run_id
 from clr_mlflow.app.config import COMMANDS, Config, ConfigError
+from clr_mlflow.app.signals import stop_on_signals
 from clr_mlflow.core.schedules import POLICIES
 
 CLICK_TYPES = {int: click.INT, float: click.FLOAT, bool: click.BOOL, str: click.STRING}
@@ -85,39 +84,6 @@ def reject(message: str, code: int = 2) -> NoReturn:
                 raise _Rejected
     click.echo(f"Error: {message}", err=True)
     sys.exit(code)
-
-
-@contextlib.contextmanager
-def stop_on_signals():
-    """SIGTERM is handled like Ctrl-C: a KeyboardInterrupt, so buffers flush and the run
-    ends KILLED. A second signal exits at once (one within a second of the first is the same
-    stop, delivered twice). Yields the signals received."""
-    from clr_mlflow.core.interrupts import is_echo
-
-    received: list[int] = []
-    first_at = [0.0]
-
-    def handler(signum, frame):
-        if received:
-            if is_echo(first_at[0]):  # the same stop delivered twice (see interrupts.py)
-                return
-            os._exit(128 + signum)
-        received.append(signum)
-        first_at[0] = time.monotonic()
-        raise KeyboardInterrupt
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield received
-    finally:
-        if received:
-            # Stopping on a signal: ours stays, so an echo of it cannot kill the exit; and when
-            # Python's own finalisation begins (it resets handlers to the default, which
-            # would let a late echo end the process with -15), the signals are ignored.
-            atexit.register(lambda: [signal.signal(s, signal.SIG_IGN) for s in previous])
-        else:
-            for s, h in previous.items():
-                signal.signal(s, h)
 
 
 @contextlib.contextmanager

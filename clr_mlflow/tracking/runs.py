@@ -22,7 +22,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric
 
 from clr_mlflow.tracking import compat, delivery, spool
-from clr_mlflow.tracking.history import BOUNDS_TABLE
+from clr_mlflow.tracking.history import BOUNDS_TABLE  # noqa: F401 - where callers log it (record.py)
 
 log = logging.getLogger(__name__)
 
@@ -86,11 +86,13 @@ def _set_experiment(name: str) -> None:
 
 
 @contextlib.contextmanager
-def _ended_by_outcome(run_id: str):
+def _ended_by_outcome(run_id: str, remember: bool = True):
     """End `run_id` FINISHED, KILLED (a KeyboardInterrupt: Ctrl-C, or SIGTERM turned into one)
-    or FAILED, by id. A store that fails to take the status never replaces the error on its way."""
+    or FAILED, by id. A store that fails to take the status never replaces the error on its way.
+    `remember`: it becomes `last_run_id()` (a child run does not)."""
     global _last_run_id
-    _last_run_id = run_id
+    if remember:
+        _last_run_id = run_id
     try:
         yield
     except BaseException as e:
@@ -139,6 +141,18 @@ def run_scope(tags: dict | None = None, params: dict | None = None, taken_by: st
     else:
         run_id = compat.start_detached_run(fresh_run_name(), tags)
     with _ended_by_outcome(run_id):
+        yield run_id
+
+
+@contextlib.contextmanager
+def child_run(parent: str, tags: dict | None = None, run_name: str = ""):
+    """A new run nested under `parent` (its experiment, tag mlflow.parentRunId), made and
+    ended by id, so no active-run stack changes; it ends when the block does (FAILED if it
+    raises, KILLED on Ctrl-C). `last_run_id()` stays the parent's."""
+    experiment = MlflowClient().get_run(parent).info.experiment_id
+    run_id = MlflowClient().create_run(experiment, tags=_strings(tags or {}) | {PARENT_TAG: parent},
+                                       run_name=run_name or fresh_run_name()).info.run_id
+    with _ended_by_outcome(run_id, remember=False):
         yield run_id
 
 
