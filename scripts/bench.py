@@ -418,7 +418,7 @@ def bench_compare_read(store):
              "logged", f"read {result.read_seconds:.2f} s, total {total:.2f} s", "", "quick", None)]
 
 
-ROW_ORDER = ("1a", "1b", "1c", "2", "2b", "3", "3b", "3c", "6", "6b", "7a", "7b", "7c", "7d", "8", "4", "4g", "5a", "5b",
+ROW_ORDER = ("1a", "1b", "1c", "2", "2b", "3", "3b", "3c", "9a", "9b", "6", "6b", "7a", "7b", "7c", "7d", "8", "4", "4g", "5a", "5b",
              "5c", "5d", "c")
 GPU_ROWS = {  # shown until a CUDA machine measures them
     "4g": ("4g. Data pipeline on CUDA vs the PIL loader per core", ">= 50x per core"),
@@ -443,6 +443,13 @@ def bench_seeds_rows(repeats):
     from bench_seeds import bench_seeds
 
     return bench_seeds(repeats)
+
+
+def bench_embed_rows(repeats):
+    sys.path.insert(0, str(REPO / "scripts"))
+    from bench_embed import bench_import, bench_transformer
+
+    return bench_import(max(5, repeats)) + bench_transformer(repeats, alternate, seed_everything)
 
 
 def machine() -> str:
@@ -522,11 +529,11 @@ def main():
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "cifar10"))
     parser.add_argument("--out", default=str(REPO / "docs" / "BENCHMARKS.md"))
     parser.add_argument("--only", default="", help="comma-separated groups: 1, 2, 3, 4, c, 6 (HTTP store), "
-                        "7 (batched seeds), 8 (checkpoints) (CPU); 4g, 5 (CUDA)")
+                        "7 (batched seeds), 8 (checkpoints), 9 (import time, a transformer) (CPU); 4g, 5 (CUDA)")
     args = parser.parse_args()
     data_path = args.data if args.data == "cifar10" else str(Path(args.data).resolve())
     cuda = torch.cuda.is_available()
-    cpu_rows = {"1", "2", "3", "4", "c", "6", "7", "8"}
+    cpu_rows = {"1", "2", "3", "4", "c", "6", "7", "8", "9"}
     only = set(args.only.split(",")) if args.only else cpu_rows | ({"4g", "5"} if cuda else set())
     if only & {"4g", "5"} and not cuda:
         sys.exit("rows 4g and 5 need a CUDA GPU (scripts/gpu_bench.sh runs them on one)")
@@ -546,7 +553,8 @@ def main():
                     ("c", lambda: bench_compare_read(store)),
                     ("6", lambda: bench_store_rows(args.repeats)),
                     ("7", lambda: bench_seeds_rows(args.repeats)),
-                    ("8", lambda: bench_checkpoint(ds, store, args.repeats))):
+                    ("8", lambda: bench_checkpoint(ds, store, args.repeats)),
+                    ("9", lambda: bench_embed_rows(args.repeats))):
         if key in only:
             rows += fn()
             print(rows[-1], flush=True)
