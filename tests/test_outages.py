@@ -19,6 +19,7 @@ from servers import MlflowServer
 
 from clr_mlflow.tracking import delivery
 from clr_mlflow.tracking import spool
+from clr_mlflow.tracking import sync as spool_sync
 from clr_mlflow.tracking.iteration_logger import IterationLogger
 from clr_mlflow.tracking.runs import active_run, log_artifact_file, log_metrics, log_params, set_tags, undelivered
 
@@ -208,8 +209,8 @@ def test_a_torn_last_line_is_skipped_and_a_second_sync_sends_nothing_twice(track
     copy = shutil.copytree(folder, tmp_path / "copy" / run_id)
     assert len(spool.read_journal(folder)) == 6
 
-    assert spool.sync(folder) == f"run {run_id}: 79 metric values, 0 artifacts, status KILLED delivered to {tracking}"
-    assert spool.sync(copy) == f"run {run_id}: 0 metric values, 0 artifacts, status KILLED delivered to {tracking}"
+    assert spool_sync.sync(folder) == f"run {run_id}: 79 metric values, 0 artifacts, status KILLED delivered to {tracking}"
+    assert spool_sync.sync(copy) == f"run {run_id}: 0 metric values, 0 artifacts, status KILLED delivered to {tracking}"
     history = MlflowClient().get_metric_history(run_id, "x/lr")
     assert sorted(m.step for m in history) == list(range(40))
     assert [m.value for m in sorted(history, key=lambda m: m.step)][1:] == [s * 0.5 for s in range(1, 40)]
@@ -221,22 +222,22 @@ def test_a_torn_last_line_is_skipped_and_a_second_sync_sends_nothing_twice(track
 
 def test_sync_refuses_in_one_line_what_it_cannot_send(tracking, spool_env, tmp_path):
     with pytest.raises(spool.SyncError, match="Expected a clr_mlflow spool folder"):
-        spool.sync(tmp_path)
+        spool_sync.sync(tmp_path)
     with mlflow.start_run() as run:
         pass
     proc, folder = write_spool(run.info.run_id, tracking, spool_env, hold=True)
     try:
         with pytest.raises(spool.SyncError, match=f"in use by a live process \\(pid {proc.pid}\\)"):
-            spool.sync(folder)
+            spool_sync.sync(folder)
     finally:
         proc.stdin.close()
         proc.wait(timeout=60)
     with pytest.raises(spool.SyncError, match="Expected a tracking server at http://127.0.0.1:9, but it did not "
                                               "answer within 10 s"):
-        spool.sync(folder, tracking_uri="http://127.0.0.1:9")  # nothing listens on the discard port
+        spool_sync.sync(folder, tracking_uri="http://127.0.0.1:9")  # nothing listens on the discard port
     (folder / spool.JOURNAL).write_bytes(b'{"op":"params","params":{}}\nnot json\n{"op":"params","params":{}}\n')
     with pytest.raises(spool.SyncError, match="line 2 is not a journal entry"):
-        spool.sync(folder)
+        spool_sync.sync(folder)
     assert spool.find(run.info.run_id) == folder  # refused: the spool stays
 
 
@@ -276,9 +277,9 @@ def test_the_run_ends_at_once_when_the_store_is_away_and_this_process_can_send_i
     folder = undelivered(run.info.run_id)
     assert folder == tmp_path / "spool" / run.info.run_id
     with pytest.raises(spool.SyncError, match="did not answer"):
-        spool.sync(folder)
+        spool_sync.sync(folder)
     server.restart()
-    assert spool.sync(folder).endswith(f"status FINISHED delivered to {server.uri}")
+    assert spool_sync.sync(folder).endswith(f"status FINISHED delivered to {server.uri}")
     got = client.get_run(run.info.run_id)
     assert got.info.status == "FINISHED" and got.data.params == {"p": "1"} and got.data.tags["t"] == "v"
     assert got.data.metrics["test/accuracy"] == 0.5

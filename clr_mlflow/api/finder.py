@@ -7,6 +7,7 @@ only imported when tracking is asked for (record.py)."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack
 from typing import Any
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 
 from clr_mlflow.core import batched, distributed
-from clr_mlflow.core.bounds import RULES
+from clr_mlflow.core.bounds import RULES, disagreement
 from clr_mlflow.core.checks import is_finite, is_int, need
 from clr_mlflow.core.curve import SWEEPS, sweep_lrs
 from clr_mlflow.core.engine import NullSink, Snapshot
@@ -57,41 +58,119 @@ def lr_find(
     progress: bool = True,
 ) -> RangeTestResult:
     """LR range test: raise the lr from `start_lr` to `end_lr` over `num_iters` optimizer
-    steps (default 100), recording the loss, until the smoothed loss (debiased EMA, `beta`)
-    exceeds `diverge` x its best or turns non-finite. Model, optimizer, data order and RNGs
-    are restored bit for bit afterwards.
+    steps, recording the loss, until the smoothed loss (debiased EMA, `beta`) diverges or
+    turns non-finite. Model, optimizer, data order and RNGs are restored bit for bit
+    afterwards.
 
-    - `loader`: any iterable of batches (DataLoader, list, generator factory...) — tuples,
-      dicts, lists of images with target dicts; tensors are moved to `device` (default: the
-      model's) wherever they sit. A loader that ends before `num_iters` starts again.
-    - `loss_fn(model, batch)`: a scalar loss or a dict of losses (summed; each term is
-      tracked as `range_test/loss/<name>`). Default: cross-entropy of `model(x)` vs `y`.
-    - `accumulate=k`: k batches per optimizer step; the lr changes per optimizer step.
-      With a `torch.amp.GradScaler` as `scaler`, steps it skips are counted
-      (`skipped_steps`) and do not advance the sweep.
-    - `val_loader` + `eval_every`: held-out `metric_fn(model, val_loader)` (default:
-      accuracy and loss of an `(x, y)` loader) every `eval_every` steps, for the paper's
-      accuracy-vs-lr test and `bounds_rule="accuracy"`.
-    - Param groups are swept in proportion to their starting lrs; `lrs` and the bounds
-      are param group 0's.
-    - `seeds=K`: K range tests, seed 0 the model as given, seeds 1..K-1 re-initialised
-      (`reset_parameters()`) with new data orders; the bounds table gives per rule the
-      median bounds over seeds with `max_lr_min`, `max_lr_max` and `seeds` (how many
-      answered), and `seed_results` holds every seed's curve. `batched_seeds`: run the seeds
-      side by side as one batched model (torch.func.vmap; same curves up to float rounding)
-      rather than one after another. None (default): batched on CUDA for models up to 5M
-      parameters with SGD/Adam/AdamW and no val_loader or scaler, falling back when the
-      first batched step fails (a loss dict, dropout...); True: batched on any device (on
-      the CPU it measured slower: scripts/bench_seeds.py), or a ValueError; False: never.
-    - `track`: log into the active MLflow run, or a new one (`range_test/*` series,
-      bounds table, curve.csv, curve.png). An active run that already holds a range test
-      gets a child run for this one (nested), so two curves never interleave.
+    Diverges means: the smoothed loss has climbed above its best by more than
+    (`diverge` - 1) x the loss's own scale (the larger of how far it fell to its best and
+    its step-to-step noise), so a loss that is negative or carries a constant is read like
+    any other. Every argument, and the first batch through `loss_fn`, is checked before
+    anything is stepped or logged (a one-shot iterator's first batch is not peeked at: its
+    first step checks it, before the backward).
 
-    Returns a RangeTestResult: `lrs`, `losses`, `smoothed`, `to_frame()`, `bounds` (one row
-    per rule), `suggest(rule=None) -> (base_lr, max_lr)`, `plot()`.
+    Args:
+        model: The `torch.nn.Module` to test, any model. It runs in training mode during
+            the test; weights, buffers, module modes and grads are put back afterwards.
+        optimizer: Any `torch.optim.Optimizer` over the model's parameters; its state is
+            put back afterwards. Param groups are swept in proportion to their starting
+            lrs (discriminative lrs keep their ratios); `lrs` and the bounds are param
+            group 0's, whose starting lr must be positive.
+        loader: Any iterable of batches (DataLoader, list, generator factory...): tuples,
+            dicts, lists of images with target dicts, dataclasses; tensors are moved to
+            `device` wherever they sit. A loader that ends before `num_iters` starts again
+            (a DataLoader draws a new order).
+        loss_fn: `loss_fn(model, batch)` returning a scalar loss, an output that carries a
+            `loss` (a Hugging Face ModelOutput), or a dict of losses (summed; each term is
+            tracked as `range_test/loss/<name>` and kept in the result's `terms`). Default
+            (None): cross-entropy of `model(x)` vs `y` for `(x, y)` batches.
+        num_iters: Optimizer steps in the sweep, an integer in [10, 10,000,000]; None
+            means 100. A shorter loader starts again.
+        start_lr: The first lr of the sweep (param group 0's), positive.
+        end_lr: The last lr of the sweep, greater than `start_lr`.
+        sweep: `"exp"` (lrs evenly spaced in log scale) or `"linear"`.
+        beta: Smoothing of the debiased EMA of the loss, in [0, 1).
+        diverge: The stop factor, greater than 1: the test stops once the smoothed loss
+            is more than (`diverge` - 1) x the loss's scale above its best.
+        accumulate: k batches per optimizer step; the lr changes per optimizer step and
+            the curve has one point per optimizer step.
+        scaler: A `torch.amp.GradScaler`: steps it skips (inf/NaN gradients) are counted
+            (`skipped_steps`) and do not advance the sweep; its scale is put back
+            afterwards.
+        val_loader: Held-out batches: with `eval_every`, `metric_fn(model, val_loader)`
+            is measured every `eval_every` steps, for the paper's accuracy-vs-lr test and
+            `bounds_rule="accuracy"`. Give both `val_loader` and `eval_every`, or neither.
+        eval_every: Optimizer steps between held-out evaluations; 0 (default) for none.
+        metric_fn: `metric_fn(model, val_loader) -> float`, higher is better. Default
+            (None): accuracy and loss of an `(x, y)` loader.
+        bounds_rule: The rule whose bounds are selected (`suggest()`'s default): one of
+            `min_div10`, `steepest`, `loss_edge`, `accuracy` (needs `eval_every`), `valley`,
+            `slide`. The bounds table holds every rule's answer.
+        bounds_divisor: The loss rules' base_lr is max_lr / `bounds_divisor`; greater
+            than 1.
+        seeds: K range tests, seed 0 the model as given, seeds 1..K-1 re-initialised
+            (`reset_parameters()`) with new data orders; the bounds table gives per rule
+            the median bounds over seeds with `max_lr_min`, `max_lr_max` and `seeds` (how
+            many answered), and `seed_results` holds every seed's curve.
+        batched_seeds: Run the seeds side by side as one batched model (torch.func.vmap;
+            same curves up to float rounding) rather than one after another. None
+            (default): batched on CUDA for models up to 5M parameters with SGD/Adam/AdamW
+            and no val_loader or scaler, falling back when the first batched step fails (a
+            loss dict, dropout...); True: batched on any device (on the CPU it measured
+            slower: scripts/bench_seeds.py), or a ValueError; False: never.
+        device: Where the batches' tensors go; default: the model's device.
+        amp: A dtype such as `torch.bfloat16`: the forward pass runs under autocast in it.
+            None (default): no autocast.
+        track: Log into the active MLflow run, or a new one (`range_test/*` series, bounds
+            table, curve.csv, curve.png). An active run that already holds a range test
+            gets a child run for this one (nested), so two curves never interleave. False
+            logs nothing (and needs no tracking store).
+        log_every: Keep every `log_every`-th step of the tracked `range_test/*` series
+            (the result keeps every step).
+        progress: Show a progress bar.
 
-        result = clr_mlflow.lr_find(model, optimizer, loader, num_iters=200)
-        base_lr, max_lr = result.suggest()
+    Returns:
+        A RangeTestResult: `lrs`, `losses`, `smoothed`, `terms`, `to_frame()`, `bounds` (one
+            row per rule), `suggest(rule=None) -> (base_lr, max_lr)`, `plot()`, and
+            `run_id` (the MLflow run, None with `track=False`).
+
+    Raises:
+        ValueError: An argument out of range (one line naming it and what it must be), a
+            loader that yields no batches, or `batched_seeds=True` where the seeds cannot
+            run batched; raised before anything is stepped or logged.
+        TypeError: A first batch the default loss cannot read, or a `loss_fn` whose output
+            is no loss; raised before anything is stepped or logged.
+
+    Examples:
+        A classifier on `(x, y)` batches with the default cross-entropy (`track=False`
+        keeps MLflow out of it; leave it out to record the test):
+
+        >>> import torch
+        >>> from clr_mlflow import lr_find
+        >>> _ = torch.manual_seed(0)
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+        >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> loader = [(x, x[:, :3].argmax(1)) for x in torch.randn(8, 16, 4)]   # (x, y) batches
+        >>> before = [p.clone() for p in model.parameters()]
+        >>> result = lr_find(model, optimizer, loader, end_lr=100, track=False, progress=False)
+        >>> result.stop_reason.startswith("diverged")
+        True
+        >>> base_lr, max_lr = result.suggest()   # bounds_rule's, here loss_edge's
+        >>> round(max_lr / base_lr, 6)           # bounds_divisor
+        4.0
+        >>> all(torch.equal(p, q) for p, q in zip(model.parameters(), before))   # put back
+        True
+
+        A loss dict: the terms are summed, and each is kept (and tracked) by name:
+
+        >>> def loss_fn(model, batch):
+        ...     x, y = batch
+        ...     out = model(x)
+        ...     return {"ce": torch.nn.functional.cross_entropy(out, y), "l2": 1e-4 * out.pow(2).mean()}
+        >>> result = lr_find(model, optimizer, loader, loss_fn=loss_fn, end_lr=100, track=False,
+        ...                  progress=False)
+        >>> sorted(result.terms)
+        ['ce', 'l2']
     """
     need(isinstance(model, nn.Module), "model", "a torch.nn.Module as", type(model).__name__)
     need(isinstance(optimizer, torch.optim.Optimizer), "optimizer", "a torch.optim.Optimizer as",
@@ -158,6 +237,8 @@ def lr_find(
         if track:
             sink.close()  # the curve is in MLflow before the artifacts (and before any training)
             record.log_result(run_id, result)
+    if warning := disagreement(result.bounds):  # the selected row's note says it too
+        logging.getLogger(__name__).warning("lr_find: %s", warning)
     return dataclasses.replace(result, run_id=run_id)
 
 

@@ -96,6 +96,7 @@ def guarded():
     from clr_mlflow.tracking import runs as tracking
     from clr_mlflow.data.datasets import DataError
     from clr_mlflow.app.runner import NoBounds
+    from clr_mlflow.core.interrupts import StopRequested
     from clr_mlflow.core.training import TrainingDiverged
 
     with stop_on_signals() as received, contextlib.ExitStack() as stack:
@@ -104,7 +105,7 @@ def guarded():
             yield
         except (ConfigError, DataError) as e:
             reject(str(e))
-        except (NoBounds, TrainingDiverged) as e:
+        except (NoBounds, TrainingDiverged, StopRequested) as e:  # StopRequested: e.g. no room left for values
             click.echo(f"Error: {e}", err=True)
             sys.exit(1)
         except KeyboardInterrupt:
@@ -281,9 +282,10 @@ def sync_cmd(path: str) -> None:
     """Send what a run could not deliver to its tracking store (a spool folder, or the spool
     root for every run in it): metrics, artifacts, the model and the run's end status."""
     from clr_mlflow.tracking import spool
+    from clr_mlflow.tracking import sync as spool_sync
 
     try:
-        click.echo(spool.sync(path))
+        click.echo(spool_sync.sync(path))
     except spool.SyncError as e:
         click.echo(f"Error: {e}", err=True)
         sys.exit(1)

@@ -17,6 +17,7 @@ from clr_mlflow.core.schedules import POLICIES
 
 OPTIMIZERS = ("sgd", "adamw")
 DEVICES = ("auto", "cpu", "cuda")
+TUNED = "tuned"  # bounds_rule: let short trainings choose among the rules (api/tune.py)
 
 RANGE, TRAIN = "range_test", "train"  # the two phases a parameter can belong to
 COMMANDS = {"range-test": (RANGE,), "train": (TRAIN,), "run": (RANGE, TRAIN)}  # command -> its phases
@@ -61,9 +62,11 @@ class Config:
     num_iters: int = _p(0, "range-test iterations (0 = one epoch of the training set)", (RANGE,))
     sweep: str = _p("exp", f"lr spacing of the range test: {' or '.join(SWEEPS)}", (RANGE,))
     beta: float = _p(0.98, "EMA factor of the smoothed loss")
-    diverge: float = _p(4.0, "stop the range test when smoothed loss > diverge x best smoothed loss", (RANGE,))
+    diverge: float = _p(4.0, "stop the range test once the smoothed loss rises above its best by more than "
+                             "(diverge - 1) x the loss's own scale (its drop to the best, or its noise)", (RANGE,))
     eval_every: int = _p(0, "held-out accuracy and loss every this many range-test iterations (0 = off)", (RANGE,))
-    bounds_rule: str = _p("loss_edge", f"rule whose bounds are chosen: {', '.join(RULES)}", (RANGE,))
+    bounds_rule: str = _p("loss_edge", f"rule whose bounds are chosen: {', '.join(RULES)}, or tuned (run/main only: each rule's bounds train tune_steps iterations and the best on validation wins)", (RANGE,))
+    tune_steps: int = _p(100, "bounds_rule=tuned: training iterations per candidate rule, each from the same start, scored by validation accuracy", (RANGE,))
     bounds_divisor: float = _p(4.0, "base_lr = max_lr / bounds_divisor for the loss rules", (RANGE,))
     seeds: int = _p(1, "range tests from this many initialisations and data orders; the bounds table gives each rule's median bounds and their spread", (RANGE,))
     # training
@@ -115,7 +118,7 @@ def _plugin(name: str, spec: str) -> None:
 LIMITS = {"num_iters": 10**7, "iterations": 10**9, "step_size": 10**9, "step_epochs": 10**6, "epochs": 10**6,
           "cycles": 10**6, "eval_every": 10**9, "lr_start": 1e6, "lr_end": 1e6, "base_lr": 1e6, "max_lr": 1e6,
           "bounds_divisor": 1e6, "diverge": 1e12, "anneal_div": 1e12, "batch_size": 10**7, "limit_train": 10**9,
-          "limit_test": 10**9, "image_size": 4096, "log_every": 10**9, "checkpoint_every": 10**9, "weight_decay": 1e3, "seed": 2**32 - 1}
+          "limit_test": 10**9, "image_size": 4096, "log_every": 10**9, "checkpoint_every": 10**9, "tune_steps": 10**9, "weight_decay": 1e3, "seed": 2**32 - 1}
 
 
 def _numbers(cfg: Config) -> None:
@@ -158,7 +161,11 @@ def validate(cfg: Config, phases: tuple[str, ...], require_bounds: bool = False)
         _need(torch.cuda.is_available(), "device", "an available device for", cfg.device)
     if RANGE in phases:
         _choice("sweep", cfg.sweep, SWEEPS)
-        _choice("bounds_rule", cfg.bounds_rule, RULES)
+        _choice("bounds_rule", cfg.bounds_rule, RULES + (TUNED,))
+        if cfg.bounds_rule == TUNED and TRAIN not in phases:
+            raise ConfigError("Expected bounds_rule to be one of " + ", ".join(RULES) + " for a range test alone "
+                              "(tuned trains every rule's bounds: use the run command, or -e main), but got 'tuned'")
+        _need(cfg.tune_steps >= 2, "tune_steps", "integer >= 2 for", cfg.tune_steps)
         _need(cfg.lr_start > 0, "lr_start", "positive", cfg.lr_start)
         _need(cfg.lr_end > cfg.lr_start, "lr_end", f"value > lr_start={cfg.lr_start} for", cfg.lr_end)
         _need(cfg.num_iters == 0 or cfg.num_iters >= 10, "num_iters", "0 (one epoch) or an integer >= 10 for",

@@ -15,6 +15,7 @@ from clr_mlflow.data import plugins
 from clr_mlflow.data.models import build_model
 from clr_mlflow.tracking import history
 from clr_mlflow.tracking import spool
+from clr_mlflow.tracking import sync as spool_sync
 from clr_mlflow.tracking import runs as tracking
 from clr_mlflow.tracking.lease import Lease, LeaseHeld
 from clr_mlflow.app.args import run_id as checked_run_id
@@ -119,9 +120,11 @@ def _checkpoint(run_id: str, cfg: Config, params: dict) -> dict:
 
 
 def _sync_spools(run_id: str) -> None:
+    """The run's own spool folders sent first: only those whose run.json names it, each
+    checked as `sync` checks it (ours, private, naming only files inside it)."""
     for folder in spool.folders(run_id):
         try:
-            print(spool.sync(folder))
+            print(spool_sync.sync(folder, run_id=run_id))
         except spool.SyncError as e:
             raise ConfigError(f"Expected run {run_id}'s spool to be sent before resuming, but: {e}") from None
 

@@ -22,8 +22,9 @@ from clr_mlflow.tracking import history
 from clr_mlflow.core import plots
 from clr_mlflow.data import plugins
 from clr_mlflow.tracking import runs as tracking
-from clr_mlflow.app.config import COMMANDS, RANGE, TRAIN, Config, ConfigError, validate
+from clr_mlflow.app.config import COMMANDS, RANGE, TRAIN, TUNED, Config, ConfigError, validate
 from clr_mlflow.core.engine import NullSink, make_optimizer, pick_device, seed_everything, use_fast_kernels
+from clr_mlflow.api import tune, tune_record
 from clr_mlflow.api.finder import MIN_STEPS, lr_find
 from clr_mlflow.tracking.iteration_logger import IterationLogger
 from clr_mlflow.app.loaders import Loaders, load_loaders
@@ -59,6 +60,7 @@ class Outcome:
     ranks_agree: bool | None = None     # under torchrun: every rank ended with the same weights
     loaders: Loaders | None = None
     range_test_seconds: float = 0.0
+    tuned: tune.TunedBounds | None = None  # bounds_rule=tuned: every candidate rule's short training
 
     def summary(self) -> str:
         cfg = self.config
@@ -82,6 +84,8 @@ class Outcome:
             r = self.range_test
             lines.append(f"Range test: {len(r.lrs)} iterations, lr {r.lrs[0]:.3g} to {r.lrs[-1]:.3g} "
                          f"({r.stop_reason}); plot range_test/curve.png, table range_test/bounds.json.")
+        if self.tuned is not None:
+            lines.append(f"Tuned: {tune.verdict(self.tuned)}; table tune/candidates.json, a child run per candidate.")
         if self.bounds:
             lines.append(f"Bounds: base_lr {self.bounds[0]:.4g}, max_lr {self.bounds[1]:.4g} ({self.bounds[2]}).")
         elif self.range_test is not None:
@@ -119,6 +123,9 @@ def execute(cfg: Config, command: str, tags: dict | None = None,
     if given and RANGE in phases and TRAIN in phases:
         phases = (TRAIN,)  # bounds known: no range test needed (a range-test command always tests)
     ranks, device = distributed.init(pick_device(cfg.device))
+    if RANGE in phases and cfg.bounds_rule == TUNED and ranks.world > 1:
+        raise ConfigError(f"Expected bounds_rule=tuned in one process (its candidates train unsharded), but got "
+                          f"{ranks.world} (torchrun): tune first, then train with bounds_from")
     if resume is not None and resume.state.get("world_size", 1) != ranks.world:  # each rank's shard differs
         raise ConfigError(f"Expected to resume run {resume.run_id} with {resume.state.get('world_size', 1)} "
                           f"process(es) as it was trained, but got {ranks.world}")
@@ -167,18 +174,24 @@ def execute(cfg: Config, command: str, tags: dict | None = None,
                 loaders.num_classes)
         if RANGE in phases:
             t0 = time.perf_counter()
+            tuned = cfg.bounds_rule == TUNED  # lr_find's table is logged once the candidates have chosen
             out.range_test = lr_find(
                 net, optimizer, loaders.train, loss_fn=stepper.loss_fn, num_iters=num_iters, start_lr=cfg.lr_start,
                 end_lr=cfg.lr_end, sweep=cfg.sweep, beta=cfg.beta, diverge=cfg.diverge,
                 val_loader=loaders.val if cfg.eval_every else None, eval_every=cfg.eval_every,
-                bounds_rule=cfg.bounds_rule, bounds_divisor=cfg.bounds_divisor, seeds=cfg.seeds, device=device,
-                amp=stepper.amp, log_every=cfg.log_every, track=ranks.leader, progress=ranks.leader)
+                bounds_rule=tune.PROBE_RULE if tuned else cfg.bounds_rule, bounds_divisor=cfg.bounds_divisor,
+                seeds=cfg.seeds, device=device, amp=stepper.amp, log_every=cfg.log_every,
+                track=ranks.leader and not tuned, progress=ranks.leader)
+            if tuned:
+                out.tuned = _tune(cfg, loaders, device, out, net, optimizer, stepper)
+                out.range_test = out.tuned.range_test
             out.range_test_seconds = time.perf_counter() - t0
             if run:
                 tracking.log_metrics({"time/range_test_seconds": out.range_test_seconds})
             out.bounds_table = out.range_test.bounds
             try:
-                out.bounds = (*out.range_test.suggest(), cfg.bounds_rule)
+                out.bounds = (*out.tuned.suggest(), out.tuned.rule) if tuned else \
+                    (*out.range_test.suggest(), cfg.bounds_rule)
             except ValueError as e:
                 print(e)
         else:
@@ -191,6 +204,33 @@ def execute(cfg: Config, command: str, tags: dict | None = None,
         if run:
             assets.describe_run(out.description())
     return out
+
+
+def _tune(cfg: Config, loaders: Loaders, device, out: Outcome, net, optimizer, stepper: Stepper) -> tune.TunedBounds:
+    """bounds_rule=tuned: every rule's bounds from the range test train cfg.tune_steps iterations
+    of cfg.policy on fresh weights (seeded as the run's), scored on the validation split; the
+    candidates are child runs, and the range test is logged with the winner selected."""
+    def make_model():
+        return build_model(cfg.model, loaders.num_classes, cfg.image_size).to(device) \
+            .to(memory_format=torch.channels_last)
+
+    def make_opt(model):
+        return make_optimizer(model, cfg.optimizer, cfg.lr_start, cfg.momentum, cfg.nesterov, cfg.weight_decay,
+                              param_groups(cfg, model))
+
+    rules = tune.LOSS_RULES + (("accuracy",) if cfg.eval_every else ())
+    setup = tune.Setup(make_model, make_opt, loaders.train, loaders.val, cfg.policy, cfg.tune_steps, device=device,
+                       amp=stepper.amp, progress=out.run_id is not None)
+    tuned = tune.tune_candidates(out.range_test, setup, rules, seed=cfg.seed, parent=out.run_id)
+    print(f"tuned: {tune.verdict(tuned)}")
+    if out.run_id:
+        settings = dict(start_lr=cfg.lr_start, end_lr=cfg.lr_end, num_iters=cfg.num_iters or len(loaders.train),
+                        sweep=cfg.sweep, beta=cfg.beta, diverge=cfg.diverge, accumulate=1, eval_every=cfg.eval_every,
+                        bounds_divisor=cfg.bounds_divisor, seeds=cfg.seeds)
+        tune_record.record_tuned(out.run_id, tuned, settings, net, optimizer, stepper.loss_fn, device, stepper.amp,
+                          cfg.log_every)
+        tracking.log_params({"effective.bounds_rule": tuned.rule or "none"})
+    return tuned
 
 
 def _train_phase(cfg: Config, stepper: Stepper, model, loaders: Loaders, out: Outcome, on_epoch,

@@ -131,6 +131,8 @@ def sweep(base: Config, grid: dict[str, list], policies: list[str], bounds_rules
     ray, tune = ray_modules()
     t0 = time.perf_counter()
     policies, rules, seeds = (list(dict.fromkeys(x)) for x in (policies, bounds_rules, seeds))
+    if "tuned" in rules:  # a sweep compares rules itself; `tuned` trains candidates inside one run
+        raise SweepError("Expected --bounds-rules to name rules (tuned: clr-mlflow run), but got tuned")
     grid, base = typed_grid(grid), replace(base, experiment=experiment or base.experiment)
     least = len(seeds) * len(policies) * int(np.prod([len(v) for v in grid.values()]))  # one training each
     if least > max_trials:  # before settings() checks every one of them
@@ -138,8 +140,7 @@ def sweep(base: Config, grid: dict[str, list], policies: list[str], bounds_rules
     combos = settings(base, grid, policies, rules, seeds)
     if (n := count_trials(base, combos, grid, policies, rules)) > max_trials:
         _too_many(n, max_trials)
-    from clr_mlflow.tracking import history
-    from clr_mlflow.tracking import runs as tracking
+    from clr_mlflow.tracking import history, runs as tracking
 
     started = _start_ray(ray, ray_address)
     try:

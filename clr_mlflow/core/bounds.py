@@ -23,6 +23,10 @@ SLIDE_DIFF = 15       # fastai's slide window (lr_diff), in points
 # take .0625 per unit of loss drop: relative to the drop (not the loss itself) it is blind to
 # the loss's units and to a constant added to it, as the slopes are.
 SLIDE_THRESH = 0.0625
+# The selected max_lr more than this many times valley's (fastai's default, the lowest rule on
+# every curve of docs/RESULTS.md): the rules disagree about where the useful range ends.
+DISAGREE = 30.0
+DISAGREE_MARK = "disagrees with valley:"  # how the table's note of it begins
 
 LOWER_LIMIT = ("minimum at the last lr: the test did not diverge, so max_lr is a lower limit;"
                " raise lr_end or num_iters")
@@ -221,8 +225,9 @@ def suggest_bounds(lrs, smoothed, eval_lrs=(), accuracies=(), divisor: float = 4
 
 
 def bounds_frame(suggestions: list[Suggestion], selected: str) -> pd.DataFrame:
-    """The best-bounds table: columns rule, base_lr, max_lr, selected, note."""
-    return pd.DataFrame(
+    """The best-bounds table: columns rule, base_lr, max_lr, selected, note (the selected
+    row's note says when its max_lr is more than DISAGREE x valley's: `disagreement`)."""
+    return mark_disagreement(pd.DataFrame(
         {
             "rule": [s.rule for s in suggestions],
             "base_lr": [s.base_lr for s in suggestions],
@@ -230,7 +235,36 @@ def bounds_frame(suggestions: list[Suggestion], selected: str) -> pd.DataFrame:
             "selected": [s.rule == selected for s in suggestions],
             "note": [s.note for s in suggestions],
         }
-    )
+    ))
+
+
+def disagreement(table: pd.DataFrame) -> str | None:
+    """When the selected row's max_lr is more than DISAGREE (30) x the valley row's, a line
+    saying so (the two disagree about where the useful range ends: training decides, see
+    tune_bounds); None when they agree, either has no bounds, or valley is selected."""
+    chosen, valley_row = table[table["selected"].astype(bool)], table[table["rule"] == "valley"]
+    if chosen.empty or valley_row.empty:
+        return None
+    top, low = float(chosen["max_lr"].iloc[0]), float(valley_row["max_lr"].iloc[0])
+    if not (np.isfinite(top) and np.isfinite(low) and low > 0 and top > DISAGREE * low):
+        return None
+    return (f"{DISAGREE_MARK} {chosen['rule'].iloc[0]} max_lr {top:.3g} is {top / low:.0f}x valley's {low:.3g}, "
+            f"more than {DISAGREE:g}x: they disagree about where the useful range ends, so train both briefly "
+            "and keep the better (clr_mlflow.tune_bounds, CLI bounds_rule=tuned)")
+
+
+def mark_disagreement(table: pd.DataFrame) -> pd.DataFrame:
+    """The table with `disagreement`'s line appended to the selected row's note (a line
+    already there, e.g. seed 0's in a table over seeds, is replaced)."""
+    def parts(note) -> list[str]:
+        return [p for p in str(note).split("; ") if p and not p.startswith(DISAGREE_MARK)]
+
+    table = table.copy()
+    table["note"] = ["; ".join(parts(n)) for n in table["note"]]
+    if line := disagreement(table):
+        at = table.index[table["selected"].astype(bool)][0]
+        table.loc[at, "note"] = "; ".join(parts(table.loc[at, "note"]) + [line])
+    return table
 
 
 def spread_frame(tables: list[pd.DataFrame]) -> pd.DataFrame:
@@ -259,4 +293,4 @@ def spread_frame(tables: list[pd.DataFrame]) -> pd.DataFrame:
     partly = (answered > 0) & (answered < len(tables))
     table.loc[partly, "note"] = [f"{n}; {len(tables) - a} of {len(tables)} seeds gave no bounds".lstrip("; ")
                                  for n, a in zip(table.loc[partly, "note"], answered[partly])]
-    return table
+    return mark_disagreement(table)  # of the medians, not seed 0's

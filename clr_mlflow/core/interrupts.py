@@ -9,6 +9,11 @@ while one is held exits at once, as a second Ctrl-C should, unless it comes with
 ECHO_SECONDS of the first: that is the same stop delivered twice (Ctrl-C under `mlflow run`
 also arrives as the SIGTERM of MLflow's cancel; torchrun's agent forwards what it got), and
 honouring it would skip the checkpoint.
+
+`StopRequested` is the same stop asked for by code instead of a signal: a sink that can no
+longer keep the values it is given (tracking: the store away and the spool full) raises it
+from `series`/`points`; the training loop records it, finishes the iteration, checkpoints,
+and raises it at the same boundary where it delivers a held signal.
 """
 from __future__ import annotations
 
@@ -26,6 +31,13 @@ ECHO_SECONDS = 1.0
 def is_echo(first_at: float) -> bool:
     """A signal arriving this soon after the first is the same request, not a second one."""
     return time.monotonic() - first_at < ECHO_SECONDS
+
+
+class StopRequested(Exception):
+    """The loop must stop at the end of this iteration (after its checkpoint): one line why.
+    `iteration` is set by the loop to the number of iterations run when it stopped."""
+
+    iteration: int | None = None
 
 
 class HeldSignal:

@@ -3,127 +3,21 @@ diverges. Generic over the step (any model, batch and loss, see steps.py); model
 optimizer, data order and RNGs are put back afterwards."""
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 
 import numpy as np
-import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from clr_mlflow.core.bounds import bounds_frame, suggest_bounds
 from clr_mlflow.core.curve import DivergenceRule, EMASmoother
 from clr_mlflow.core.engine import NullSink, Sink, Snapshot
+from clr_mlflow.core.range_result import RangeTestResult
 from clr_mlflow.core.steps import Evaluator, Stepper, cycle, evaluate
 
 # Losses come to the host every SYNC_EVERY steps: the divergence stop then reacts at most
 # SYNC_EVERY - 1 steps late. The recorded curve is the same for any value (it is cut at the
 # first bad step and the weights are restored), only a little work is wasted.
 SYNC_EVERY = 8
-
-
-@dataclass(frozen=True)
-class RangeTestResult:
-    """One range test: per optimizer step the lr (of param group 0), the raw and smoothed
-    loss and each named loss term; held-out evaluations; and, once `with_bounds` has run,
-    the bounds table."""
-
-    lrs: np.ndarray
-    losses: np.ndarray
-    smoothed: np.ndarray
-    eval_steps: np.ndarray   # steps after which held-out data was evaluated
-    accuracies: np.ndarray   # accuracy, or the user's metric_fn
-    val_losses: np.ndarray   # NaN where the evaluator gives no loss
-    planned_iters: int
-    stop_reason: str
-    terms: dict[str, np.ndarray] = field(default_factory=dict)  # loss/<name> of a dict loss
-    skipped_steps: int = 0   # steps a GradScaler skipped (inf/NaN gradients); not on the curve
-    sweep: str = "exp"
-    bounds: pd.DataFrame | None = None  # rule, base_lr, max_lr, selected, note
-    bounds_rule: str = ""
-    run_id: str | None = None
-    seed: int = 0            # which of several seeds' tests this is (see seeds.py)
-    seed_results: tuple["RangeTestResult", ...] = ()  # every seed's result, when there were several
-
-    @property
-    def eval_lrs(self) -> np.ndarray:
-        return self.lrs[self.eval_steps]
-
-    def to_frame(self) -> pd.DataFrame:
-        """One row per step: seed, iteration, lr, loss, smoothed_loss, loss/<term>...,
-        accuracy and val_loss (NaN where not evaluated)."""
-        df = pd.DataFrame({"seed": self.seed, "iteration": np.arange(len(self.lrs)), "lr": self.lrs,
-                           "loss": self.losses,
-                           "smoothed_loss": self.smoothed} | {f"loss/{k}": v for k, v in self.terms.items()})
-        df["accuracy"] = np.nan
-        df["val_loss"] = np.nan
-        df.loc[self.eval_steps, "accuracy"] = self.accuracies
-        df.loc[self.eval_steps, "val_loss"] = self.val_losses
-        return df
-
-    def curves(self) -> pd.DataFrame:
-        """`to_frame()` of every seed's test, one after another (the seed column tells them
-        apart); this result's own frame when there was one seed."""
-        return pd.concat([r.to_frame() for r in self.seed_results], ignore_index=True) if self.seed_results \
-            else self.to_frame()
-
-    def with_bounds(self, rule: str, divisor: float = 4.0) -> "RangeTestResult":
-        """This result with the bounds table of every rule, `rule` marked as selected."""
-        suggestions = suggest_bounds(self.lrs, self.smoothed, self.eval_lrs, self.accuracies, divisor)
-        return dataclasses.replace(self, bounds=bounds_frame(suggestions, rule), bounds_rule=rule)
-
-    def suggest(self, rule: str | None = None) -> tuple[float, float]:
-        """(base_lr, max_lr) of `rule` (default: the selected rule); ValueError with the
-        rule's note when it found none on this curve."""
-        if self.bounds is None:
-            raise ValueError("Expected a result with bounds (see with_bounds), but this one has none")
-        rule = rule or self.bounds_rule
-        rows = self.bounds[self.bounds["rule"] == rule]
-        if rows.empty:
-            raise ValueError(f"Expected rule to be one of {', '.join(self.bounds['rule'])}, but got {rule!r}")
-        row = rows.iloc[0]
-        if not (np.isfinite(row["base_lr"]) and np.isfinite(row["max_lr"])):
-            raise ValueError(f"rule {rule} gave no bounds on this curve: {row['note']}")
-        return float(row["base_lr"]), float(row["max_lr"])
-
-    def band(self) -> pd.DataFrame | None:
-        """With several seeds: per step (every seed swept the same lrs) the lr and the median,
-        min and max smoothed loss over the seeds that got that far; None with one seed."""
-        if len(self.seed_results) < 2:
-            return None
-        n = max(len(r.lrs) for r in self.seed_results)
-        stacked = np.full((len(self.seed_results), n), np.nan)
-        for i, r in enumerate(self.seed_results):
-            stacked[i, :len(r.smoothed)] = r.smoothed
-        lrs = max(self.seed_results, key=lambda r: len(r.lrs)).lrs
-        return pd.DataFrame({"lr": lrs, "median": np.nanmedian(stacked, 0), "low": np.nanmin(stacked, 0),
-                             "high": np.nanmax(stacked, 0)})
-
-    def plot(self, ax=None):
-        """The range-test figure: loss and smoothed loss vs lr, the bounds of every rule; with
-        several seeds the median curve, its min-max band and each rule's spread. The same
-        picture as the run's `range_test/curve.png`.
-
-        Args:
-            ax: a matplotlib Axes to draw into (a subplot of your own figure), as Lightning's
-                `lr_finder.plot(ax=...)`; None draws a new figure.
-
-        Returns:
-            The `matplotlib.figure.Figure` drawn on (not shown, and not registered with
-            pyplot: display it with `display(fig)` or save it with `fig.savefig(path)`).
-            Neither pyplot's backend nor any rcParam is changed.
-
-        Example:
-            >>> fig = result.plot()                      # doctest: +SKIP
-            >>> fig.savefig("range_test.png")            # doctest: +SKIP
-        """
-        from clr_mlflow.core.plots import range_test_figure  # matplotlib loads when a figure is drawn
-
-        bounds = self.bounds if self.bounds is not None else pd.DataFrame(
-            columns=["rule", "base_lr", "max_lr", "selected", "note"])
-        return range_test_figure(self.to_frame(), bounds, log_x=self.sweep == "exp", band=self.band(),
-                                 seeds=max(1, len(self.seed_results)), ax=ax)
 
 
 class _Column:

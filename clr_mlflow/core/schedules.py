@@ -142,8 +142,33 @@ def set_momentum(group: dict, value: float) -> None:
 class ScheduleLR(LRScheduler):
     """Drives every param group's lr from a `Schedule`, one `step()` per iteration.
 
-    With `momentum=(low, high)` the momentum (beta1 for AdamW) cycles opposite to the lr:
-    `high` when the lr is at base_lr, `low` at max_lr.
+    What `clr_scheduler` returns (build it there: that call checks every argument). A torch
+    `LRScheduler`: `get_last_lr()`, `state_dict()`, `load_state_dict()` and pickling work.
+    Group 0 runs at the schedule's lr; every other group keeps its starting ratio to group 0.
+
+    Args:
+        optimizer: Any torch optimizer.
+        schedule: The policy: the lr (and the momentum's position) at every iteration.
+        momentum: `(low, high)`: the momentum (beta1 for AdamW) cycles opposite to the lr,
+            `high` when the lr is at base_lr, `low` at max_lr. None leaves it alone.
+        last_epoch: torch's position argument: the iteration to resume from, -1 to start.
+
+    Examples:
+        >>> import torch
+        >>> from clr_mlflow import clr_scheduler
+        >>> model = torch.nn.Linear(4, 1)
+        >>> optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        >>> scheduler = clr_scheduler(optimizer, "triangular", 1e-3, 6e-3, step_size=2,
+        ...                           cycle_momentum=True)
+        >>> isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler)
+        True
+        >>> for _ in range(3):   # the lr rises, beta1 falls from max_momentum to base_momentum
+        ...     print(round(scheduler.get_last_lr()[0], 6), round(optimizer.param_groups[0]["betas"][0], 6))
+        ...     optimizer.step()
+        ...     scheduler.step()
+        0.001 0.95
+        0.0035 0.9
+        0.006 0.85
     """
 
     def __init__(
@@ -160,7 +185,27 @@ class ScheduleLR(LRScheduler):
     def state_dict(self) -> dict:
         """torch's scheduler state with plain values only: the schedule as a dict and the
         momentum bounds as a list, so `torch.load(..., weights_only=True)` (torch's default,
-        Lightning's checkpoints) reads it back."""
+        Lightning's checkpoints) reads it back.
+
+        Returns:
+            torch's `LRScheduler` state (position, last lrs...) with `schedule` (the
+                policy's class name and fields) and `momentum` (`[low, high]` or None).
+
+        Examples:
+            >>> import io, torch
+            >>> from clr_mlflow import clr_scheduler
+            >>> optimizer = torch.optim.SGD(torch.nn.Linear(4, 1).parameters(), lr=0.1)
+            >>> scheduler = clr_scheduler(optimizer, "triangular", 1e-3, 6e-3, step_size=2)
+            >>> state = scheduler.state_dict()
+            >>> state["schedule"]  # doctest: +NORMALIZE_WHITESPACE
+            {'type': 'CyclicLR', 'base_lr': 0.001, 'max_lr': 0.006, 'step_size': 2, 'mode': 'triangular',
+             'gamma': 0.99994}
+            >>> buffer = io.BytesIO()
+            >>> torch.save(state, buffer)
+            >>> _ = buffer.seek(0)
+            >>> torch.load(buffer, weights_only=True)["schedule"]["mode"]
+            'triangular'
+        """
         state = super().state_dict()
         state["schedule"] = self.schedule.to_dict()
         state["momentum"] = list(self.momentum) if self.momentum is not None else None
@@ -168,7 +213,26 @@ class ScheduleLR(LRScheduler):
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Takes what `state_dict()` gave (a state from before, holding the Schedule
-        itself, too): the schedule, momentum bounds and position all become the saved ones."""
+        itself, too): the schedule, momentum bounds and position all become the saved ones.
+
+        Args:
+            state_dict: What `state_dict()` returned, e.g. read back from a checkpoint.
+
+        Raises:
+            ValueError: A `schedule` dict whose `type` is no known schedule.
+
+        Examples:
+            >>> import torch
+            >>> from clr_mlflow import clr_scheduler
+            >>> optimizer = torch.optim.SGD(torch.nn.Linear(4, 1).parameters(), lr=0.1)
+            >>> scheduler = clr_scheduler(optimizer, "triangular", 1e-3, 6e-3, step_size=2)
+            >>> optimizer.step()
+            >>> scheduler.step()
+            >>> resumed = clr_scheduler(optimizer, "fixed", 0.1, 0.1)
+            >>> resumed.load_state_dict(scheduler.state_dict())
+            >>> resumed.last_epoch, type(resumed.schedule).__name__, round(resumed.get_last_lr()[0], 6)
+            (1, 'CyclicLR', 0.0035)
+        """
         state = dict(state_dict)
         if isinstance(state.get("schedule"), dict):
             state["schedule"] = Schedule.from_dict(state["schedule"])
@@ -177,12 +241,48 @@ class ScheduleLR(LRScheduler):
         super().load_state_dict(state)
 
     def get_lr(self) -> list[float]:
+        """The lr of every param group at the current iteration (`last_epoch`); `step()`
+        calls it and sets them. Read the lrs in use with `get_last_lr()`.
+
+        Returns:
+            One lr per param group: the schedule's lr for group 0, and for group g that lr
+                times group g's starting lr / group 0's.
+
+        Examples:
+            >>> import torch
+            >>> from clr_mlflow import clr_scheduler
+            >>> head, body = torch.nn.Linear(4, 1), torch.nn.Linear(4, 4)
+            >>> optimizer = torch.optim.SGD([{"params": head.parameters(), "lr": 0.1},
+            ...                              {"params": body.parameters(), "lr": 0.01}])
+            >>> scheduler = clr_scheduler(optimizer, "fixed", 1e-3, 1e-3)
+            >>> [round(lr, 8) for lr in scheduler.get_lr()]   # group 1 keeps its 1/10
+            [0.001, 0.0001]
+        """
         # Group g keeps its starting ratio to group 0 (discriminative lrs): the schedule's
         # bounds are group 0's.
         lr = self.schedule.lr(self.last_epoch)
         return [lr * (base / self.base_lrs[0]) for base in self.base_lrs]
 
     def step(self, epoch=None) -> None:
+        """Move to the next iteration: every param group's lr from the schedule and, with
+        momentum bounds, the momentum (SGD's `momentum`, or beta1 for Adam-style optimizers)
+        opposite to the lr. Call it once per iteration, after `optimizer.step()`.
+
+        Args:
+            epoch: torch's deprecated explicit position, passed on to `LRScheduler.step`;
+                leave it None.
+
+        Examples:
+            >>> import torch
+            >>> from clr_mlflow import clr_scheduler
+            >>> optimizer = torch.optim.SGD(torch.nn.Linear(4, 1).parameters(), lr=0.1, momentum=0.9)
+            >>> scheduler = clr_scheduler(optimizer, "one_cycle", 0.01, 0.1, total_iters=4,
+            ...                           cycle_momentum=True)
+            >>> optimizer.step()
+            >>> scheduler.step()
+            >>> round(optimizer.param_groups[0]["lr"], 6), round(optimizer.param_groups[0]["momentum"], 6)
+            (0.06, 0.894444)
+        """
         super().step(epoch)
         if self.momentum is not None:
             low, high = self.momentum
@@ -209,15 +309,52 @@ def clr_scheduler(
     """A torch LRScheduler that cycles the lr of `optimizer` (any optimizer), one `step()`
     per iteration, after the first call at `base_lr` (iteration 0).
 
-    policy: `triangular`, `triangular2`, `exp_range` (Smith 2017, half-cycle `step_size`
-    iterations; exp_range scales the amplitude by gamma**iteration), `one_cycle` (over
-    `total_iters`, the last `anneal_frac` annealing to base_lr/anneal_div) or `fixed`
-    (base_lr). `base_lr`/`max_lr` are param group 0's bounds; every other group keeps its
-    starting ratio to group 0. With `cycle_momentum`, momentum (Adam's beta1) moves
-    opposite to the lr between `base_momentum` (at max_lr) and `max_momentum`. Checks
-    every argument before it touches the optimizer.
+    Checks every argument before it touches the optimizer.
 
-        scheduler = clr_scheduler(optimizer, "triangular2", 1e-3, 6e-3, step_size=2000)
+    Args:
+        optimizer: Any torch optimizer. Every param group other than group 0 keeps its
+            starting ratio to group 0.
+        policy: `triangular`, `triangular2`, `exp_range` (Smith 2017, half-cycle
+            `step_size` iterations; triangular2 halves the amplitude every cycle, exp_range
+            scales it by gamma**iteration), `one_cycle` (over `total_iters`, the last
+            `anneal_frac` annealing to base_lr/anneal_div) or `fixed` (base_lr).
+        base_lr: Param group 0's lower bound (and the lr at iteration 0), positive.
+        max_lr: Param group 0's upper bound, at least `base_lr` (more than it for
+            `one_cycle`).
+        step_size: Half a cycle, in iterations: a positive integer, needed by
+            `triangular`, `triangular2` and `exp_range`.
+        total_iters: The length of `one_cycle` in iterations, at least 2; needed by it.
+        gamma: exp_range's amplitude factor per iteration, in (0, 1].
+        cycle_momentum: Move the momentum (Adam's beta1) opposite to the lr, between
+            `base_momentum` (at max_lr) and `max_momentum` (at base_lr).
+        base_momentum: The momentum at max_lr, with `cycle_momentum`.
+        max_momentum: The momentum at base_lr, with `cycle_momentum`;
+            0 <= base_momentum < max_momentum < 1.
+        anneal_frac: The fraction of `one_cycle`'s iterations at its end that anneals from
+            base_lr to base_lr/anneal_div, in [0, 1).
+        anneal_div: one_cycle's final lr is base_lr/anneal_div; at least 1.
+
+    Returns:
+        The scheduler (a torch `LRScheduler`): call `step()` once per iteration;
+            `state_dict()`, `load_state_dict()` and pickling work.
+
+    Raises:
+        ValueError: An argument out of range (one line naming it), before the optimizer
+            is touched.
+
+    Examples:
+        >>> import torch
+        >>> from clr_mlflow import clr_scheduler
+        >>> model = torch.nn.Linear(4, 1)
+        >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> scheduler = clr_scheduler(optimizer, "triangular2", 1e-3, 6e-3, step_size=2)
+        >>> lrs = []
+        >>> for _ in range(9):   # your training loop: one step() per iteration
+        ...     lrs.append(round(scheduler.get_last_lr()[0], 6))
+        ...     optimizer.step()
+        ...     scheduler.step()
+        >>> lrs   # the second cycle's amplitude is half the first's
+        [0.001, 0.0035, 0.006, 0.0035, 0.001, 0.00225, 0.0035, 0.00225, 0.001]
     """
     need(policy in POLICIES, "policy", f"one of {', '.join(POLICIES)} for", policy)
     need(is_finite(base_lr) and base_lr > 0, "base_lr", "positive finite", base_lr)

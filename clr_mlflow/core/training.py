@@ -3,6 +3,7 @@ evaluation after every pass over the loader."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -15,8 +16,10 @@ from tqdm.auto import tqdm
 from clr_mlflow.core import checkpoint
 from clr_mlflow.core.curve import EMASmoother
 from clr_mlflow.core.engine import NullSink, Sink
-from clr_mlflow.core.interrupts import held_signals
+from clr_mlflow.core.interrupts import StopRequested, held_signals
 from clr_mlflow.core.steps import Evaluator, Stepper, evaluate
+
+log = logging.getLogger(__name__)
 
 # Losses reach the host every SYNC_EVERY iterations (one GPU sync per chunk, not per step).
 SYNC_EVERY = 64
@@ -59,8 +62,10 @@ def train(stepper: Stepper, scheduler, loader: Iterable, total_iters: int, *, va
 
     Checkpoints: with `on_checkpoint`, the whole state (`checkpoint_state`) is handed to it
     every `checkpoint_every` iterations (-1: at every epoch end), and when SIGINT / SIGTERM
-    arrives (held until the iteration is whole; the signal is raised after). `resume`: such
-    a state, to continue from exactly where it was taken."""
+    arrives (held until the iteration is whole; the signal is raised after). A sink that
+    raises `StopRequested` (nowhere left to keep values) is handled like such a signal: the
+    iteration is finished, a checkpoint written if the disk allows, then it is raised.
+    `resume`: such a state, to continue from exactly where it was taken."""
     loop = _Loop(stepper, scheduler, loader, total_iters, beta, sink, sync_every)
     if resume is not None:
         loop.load(resume)
@@ -75,7 +80,18 @@ def train(stepper: Stepper, scheduler, loader: Iterable, total_iters: int, *, va
         loop.drain()  # the series the sink holds ends where the checkpoint does
         loop.seconds += time.perf_counter() - start_time
         start_time = time.perf_counter()
-        on_checkpoint(loop.state())
+        if loop.stop is None:
+            on_checkpoint(loop.state())
+            return
+        try:  # stopping for want of room: a checkpoint if any space allows, never a traceback
+            on_checkpoint(loop.state())
+        except OSError as e:
+            log.warning(f"warning: no checkpoint written at iteration {loop.t} ({e})")
+
+    def stop_if_asked() -> None:
+        if loop.stop is not None:
+            loop.stop.iteration = loop.t
+            raise loop.stop
 
     model.train()
     start_time = time.perf_counter()
@@ -89,11 +105,12 @@ def train(stepper: Stepper, scheduler, loader: Iterable, total_iters: int, *, va
                     if loop.t - loop.done == sync_every:
                         loop.drain()
                         bar.update(sync_every)
-                    if (every > 0 and loop.t % every == 0) or signal_held.pending:
+                    if (every > 0 and loop.t % every == 0) or signal_held.pending or loop.stop:
                         if every:
                             bar.update(loop.t - loop.done)
                             checkpoint()
                         signal_held.deliver()
+                        stop_if_asked()
                     if loop.t == total_iters:
                         break
                 if loop.t == loop.epoch_start:
@@ -108,15 +125,16 @@ def train(stepper: Stepper, scheduler, loader: Iterable, total_iters: int, *, va
                 loop.end_epoch(row)
                 values = {"val/loss": row["val_loss"], "val/accuracy": row["val_accuracy"],
                           "train/epoch_loss": row["train_loss"], "train/epoch_accuracy": row["train_accuracy"]}
-                sink.points([loop.t - 1], {k: [v] for k, v in values.items() if v is not None})
+                loop.report([loop.t - 1], {k: [v] for k, v in values.items() if v is not None}, points=True)
                 if on_epoch is not None:  # e.g. a sweep reporting to Ray Tune's scheduler
                     on_epoch(row)
                 bar.set_postfix(epoch=row["epoch"], val_acc=f"{row['val_accuracy']:.3f}")
                 loop.seconds += time.perf_counter() - start_time
                 start_time = time.perf_counter()
-                if every and (every < 0 or signal_held.pending):
+                if every and (every < 0 or signal_held.pending or loop.stop):
                     checkpoint()
                 signal_held.deliver()
+                stop_if_asked()
     except BaseException:
         # An error or Ctrl-C mid-chunk: the losses still on the device reach the sink first.
         if loop.t > loop.done:
@@ -145,6 +163,7 @@ class _Loop:
         self.epoch_rng: dict | None = None  # every RNG as the current epoch began (None: between epochs)
         self.resumed: Iterator | None = None  # a resumed epoch's batches, positioned
         self.seconds = 0.0
+        self.stop: StopRequested | None = None  # a sink asked to stop: raised at the iteration's end
 
     def start_epoch(self) -> Iterator:
         if self.resumed is not None:
@@ -174,12 +193,19 @@ class _Loop:
         smoothed = self.smoother.update(raw)
         self.losses[first:t], self.smoothed[first:t] = raw, smoothed
         self.done = t  # before the sink: a sink error must not make the error path send it again
-        self.sink.series(np.arange(first, t), {"train/lr": self.lrs[first:t], "train/loss": raw,
-                                               "train/smoothed_loss": smoothed})
+        self.report(np.arange(first, t), {"train/lr": self.lrs[first:t], "train/loss": raw,
+                                          "train/smoothed_loss": smoothed})
         bad = np.flatnonzero(~np.isfinite(raw))
         if len(bad):
             raise TrainingDiverged(f"training loss is not finite ({raw[bad[0]]}) at iteration {first + bad[0]}: "
                                    "lower max_lr")
+
+    def report(self, steps, values: dict, points: bool = False) -> None:
+        """Values to the sink; a StopRequested it raises is kept for the iteration's end."""
+        try:
+            (self.sink.points if points else self.sink.series)(steps, values)
+        except StopRequested as e:
+            self.stop = self.stop or e
 
     def state(self) -> dict:
         """Everything to continue from here (after `drain`): see checkpoint.py."""

@@ -1,7 +1,18 @@
 """What a run shows in MLflow beyond its metrics (tracking layer, writing): the trained
 network as a Logged Model, the datasets it saw as run inputs, and a description. Each
-goes through delivery.deliver, so an outage of the store spools it: the model is saved
-locally then (mlflow.pytorch.save_model) and logged from there by `clr-mlflow sync`."""
+goes through delivery.deliver, so an outage of the store spools it.
+
+A spooled model is never unpickled. While the store is away the model is saved into the
+spool as the MLflow Model directory `mlflow.pytorch.save_model` writes (the same files
+`log_model` would upload), and `sync` uploads that directory as it is, through MLflow's
+public Logged Model calls (create_logged_model, log_outputs, log_model_artifacts,
+finalize_logged_model), reading only its MLmodel YAML. Loading it back with
+`mlflow.pytorch.load_model`, as the old replay did, unpickles `data/model.pth`: code from a
+file anyone who could write the spool could have swapped. Keeping a state_dict (weights
+only) plus a recipe instead would not cover plug-in models nor give the same artifacts, so
+the directory itself travels; whoever loads the Logged Model later unpickles it exactly as
+they would one logged directly.
+"""
 from __future__ import annotations
 
 import copy
@@ -75,9 +86,8 @@ def log_model(model: torch.nn.Module, example: torch.Tensor) -> str | None:
     x = example.detach().float().cpu().contiguous()
     args, logged = _model_args(cpu_model, x), []
 
-    def stage(folder: Path) -> None:
+    def stage(folder: Path) -> None:  # the directory log_model would upload; sync uploads it unread
         mlflow.pytorch.save_model(cpu_model, str(folder / "model"), **args)
-        np.save(folder / "example.npy", x.numpy())
 
     delivery.deliver(mlflow.active_run().info.run_id, "model", {}, stage=stage,
                      send=lambda: logged.append(mlflow.pytorch.log_model(cpu_model, name="model", **args)))
@@ -86,18 +96,36 @@ def log_model(model: torch.nn.Module, example: torch.Tensor) -> str | None:
 
 @replayer("model")
 def _replay_model(ctx: Replay, entry: dict) -> None:
-    import mlflow.pytorch
+    """The spooled MLflow Model directory as the run's Logged Model `model`, uploaded as it
+    is: nothing in it is loaded (see the module's docstring)."""
+    import shutil
+    import tempfile
 
-    outputs = ctx.client.get_run(ctx.run_id).outputs
-    for output in (outputs.model_outputs if outputs else None) or []:  # a second sync logs no second model
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+    from mlflow.models import Model
+
+    run = ctx.client.get_run(ctx.run_id)
+    for output in (run.outputs.model_outputs if run.outputs else None) or []:  # a second sync logs no second model
         logged = ctx.client.get_logged_model(output.model_id)
         if logged.name == "model" and str(logged.status).endswith("READY"):
             return
-    folder = ctx.folder(entry)
-    cpu_model = mlflow.pytorch.load_model(str(folder / "model"))  # our own file, written by stage()
-    x = torch.from_numpy(np.load(folder / "example.npy"))
-    with delivery.as_active_run(ctx.run_id):
-        mlflow.pytorch.log_model(cpu_model, name="model", **_model_args(cpu_model, x))
+    model = ctx.client.create_logged_model(run.info.experiment_id, name="model", source_run_id=ctx.run_id,
+                                           params=dict(run.data.params))
+    try:
+        ctx.client.log_outputs(ctx.run_id, [LoggedModelOutput(model.model_id, step=0)])
+        with tempfile.TemporaryDirectory(prefix="clr_mlflow_") as tmp:
+            local = Path(tmp) / "model"
+            shutil.copytree(ctx.folder(entry) / "model", local, symlinks=True)  # checked: no link leads out
+            mlmodel = Model.load(str(local / "MLmodel"))  # YAML only
+            # What log_model writes into MLmodel once the Logged Model exists.
+            mlmodel.model_id = mlmodel.model_uuid = model.model_id
+            mlmodel.run_id, mlmodel.artifact_path = ctx.run_id, model.artifact_location
+            mlmodel.save(str(local / "MLmodel"))
+            ctx.client.log_model_artifacts(model.model_id, str(local))
+    except BaseException:
+        ctx.client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
+        raise
+    ctx.client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
     ctx.artifacts += 1
 
 

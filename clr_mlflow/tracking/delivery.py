@@ -6,7 +6,7 @@ MLflow's default HTTP retries and no environment variable needs setting); once t
 is away for the run, the op
 goes into the run's spool journal (spool.py) and the caller goes on at once. An op is a
 kind and a JSON payload (plus files); its replayer, registered here or in assets.py, is the
-write itself, used for the first try and again by `replay` (spool.sync, and the end of a
+write itself, used for the first try and again by `replay` (sync.py, and the end of a
 run whose store came back). Replayers are idempotent: a point the store has is not sent
 again, params and tags present are skipped, artifacts are overwritten.
 """
@@ -30,7 +30,8 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
 from clr_mlflow.tracking import compat, spool
-from clr_mlflow.tracking.spool import SyncError, short
+from clr_mlflow.tracking.spool import short
+from clr_mlflow.tracking.spool_check import check_entries
 
 log = logging.getLogger(__name__)
 
@@ -272,12 +273,19 @@ def _using_tracking_uri(uri: str):
             os.environ["MLFLOW_TRACKING_URI"] = env
 
 
+def check_journal(folder: Path) -> list[dict]:
+    """The journal's entries, each checked (spool_check) before any is sent: SyncError. The
+    ops it knows are those whose replayers are registered: here, and in assets.py, which
+    sync.py imports (a live process that logged a model has imported it already)."""
+    entries = spool.read_journal(folder)
+    check_entries(folder, entries, set(REPLAYERS) | {"status"})
+    return entries
+
+
 def replay(folder: Path, run_id: str, uri: str) -> str:
     """Send a spool's journal in order, skipping what the store has; the status last: the
     journal's, else KILLED for a run the store still has RUNNING (its writer died)."""
-    from clr_mlflow.tracking import assets  # noqa: F401 - registers the model and inputs replayers
-
-    entries = spool.read_journal(folder)
+    entries = check_journal(folder)
     with _using_tracking_uri(uri):
         client = MlflowClient(uri)
         before = client.get_run(run_id).info
@@ -290,10 +298,8 @@ def replay(folder: Path, run_id: str, uri: str) -> str:
                 final = entry
             elif entry["op"] in ("artifact", "table") and last[(entry["op"], entry["path"])] != i:
                 continue
-            elif entry["op"] in REPLAYERS:
-                REPLAYERS[entry["op"]](ctx, entry)
             else:
-                raise SyncError(f"{folder / spool.JOURNAL} holds an op this clr_mlflow does not know: {entry['op']!r}")
+                REPLAYERS[entry["op"]](ctx, entry)
         if final is None:
             final = ({"status": "KILLED", "end_time": ctx.last_ts} if before.status == "RUNNING"
                      else {"status": before.status, "end_time": before.end_time})
@@ -325,13 +331,16 @@ def end_run(run_id: str, status: str) -> None:
     the store is away or ops wait ahead of it), what waits is sent now if the store answers
     again, and, when it is this thread's active run (an application's own), it leaves the
     active-run stack whatever the store says. No other run on the stack is touched."""
-    end_time = now_ms()
+    end_time, pending = now_ms(), spool.get(run_id)
     try:
         deliver(run_id, "status", {"status": status, "end_time": end_time},
                 send=lambda: MlflowClient().set_terminated(run_id, status, end_time))
         left = settle(run_id)
     finally:
         compat.leave_fluent_run(run_id, status)
-    if left is not None:
+    pending = pending or spool.get(run_id)  # made by the status itself when the store was away
+    if pending is not None and pending.stranded and not pending.stop_raised:  # no loop said it: said here
+        log.warning(f"warning: {pending.stranded_line(None)}")
+    elif left is not None and not (pending is not None and pending.stop_raised):  # else its line said it
         log.warning(f"warning: run {run_id} ended {status} while the tracking store did not take all of it: the "
                     f"rest is spooled at {left}; send it with `clr-mlflow sync {left}`")

@@ -9,33 +9,42 @@ working directory), made private to its owner (0700):
 artifacts and the model an op needs). Every metric chunk is journaled before it is sent;
 every other op is journaled only once the store is away (`deliver`). The folder goes when
 everything in it was delivered; `sync` sends a folder left behind, in journal order
-(delivery.py holds the sending side: `deliver`, the replayers, `replay`).
+(sync.py; delivery.py holds the sending side: `deliver`, the replayers, `replay`). What is
+read back (by sync, resume, and a process inheriting a dead one's folder) is checked first
+(spool_check.py): only a private folder of ours, naming only files inside it.
+
+A full disk. Writing the spool can fail (no room, a read-only disk): metric chunks then go
+to the store only, and an op the store did not take is staged, if it has files, in a
+private folder of the system's temporary directory (`kept_elsewhere`). When neither the
+store nor the spool takes a run's values, the spool is `stranded`: IterationLogger raises
+`Stranded` (a core StopRequested) to the loop, which finishes the iteration, checkpoints
+and stops; its message says what was kept and where. A small `reserve` file, made when
+the folder is, is given up then so that the run's end status still fits in the journal.
 """
 from __future__ import annotations
 
-import base64
 import contextlib
-import errno
 import fcntl
 import glob
 import json
-import mmap
 import os
 import logging
+import posixpath
 import shutil
+import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
 
 import mlflow
-import numpy as np
 
-RUN_FILE, LOCK_FILE, JOURNAL = "run.json", "lock", "journal.jsonl"
+from clr_mlflow.core.interrupts import StopRequested
+from clr_mlflow.tracking.journal import (MappedJournal, decode_metrics, encode_metrics, read_journal,  # noqa: F401
+                                         reserve_blocks)
+from clr_mlflow.tracking.spool_check import (JOURNAL, LOCK_FILE, RUN_FILE, SyncError, check_folder,  # noqa: F401
+                                             private_dir, read_meta)
 
-
-class SyncError(ValueError):
-    """A spool cannot be sent now: one line saying why."""
-
+RESERVE_FILE, RESERVE_BYTES = "reserve", 16 << 10  # room kept for the end status when the disk fills
 
 log = logging.getLogger(__name__)
 
@@ -49,14 +58,9 @@ def spool_root() -> Path:
     return (Path(cache) / "clr_mlflow" / "spool").absolute()
 
 
-def _private_dir(folder: Path) -> None:
-    """Make `folder` (and missing parents) readable by its owner only: a spool holds a run's
-    values, artifacts and model, and `sync` trusts only what its owner wrote."""
-    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(folder, 0o700)  # mkdir's mode is masked by the umask
-
-
 def short(error: BaseException) -> str:
+    if isinstance(error, OSError) and error.errno and error.strerror:  # not the file names: they are said around it
+        return f"{type(error).__name__}: [Errno {error.errno}] {error.strerror}"
     text = str(error).strip().splitlines()
     return f"{type(error).__name__}: {text[0][:160] if text else ''}"
 
@@ -68,113 +72,19 @@ def _absolute_uri(uri: str) -> str:
     return absolute_store_uri(uri)
 
 
-# Metric chunks ---------------------------------------------------------------------------
-# base64 of little-endian arrays: exact, NaN-safe, and ~20x cheaper than JSON floats, so
-# journaling costs the loop almost nothing (docs/BENCHMARKS.md row 2).
-
-def _b64(array: np.ndarray, dtype: str) -> str:
-    return base64.b64encode(np.ascontiguousarray(array, dtype=dtype).tobytes()).decode("ascii")
-
-
-def encode_metrics(chunks) -> dict:
-    """[(timestamp_ms, steps, {key: values})] -> {key: {steps, values, ts}} (base64)."""
-    keys = chunks[0][2].keys()
-    if all(values.keys() == keys for _, _, values in chunks):  # the loops' case: one concatenation per key
-        steps = _b64(np.concatenate([c[1] for c in chunks]), "<i8")
-        ts = _b64(np.repeat(np.array([c[0] for c in chunks], dtype=np.int64), [len(c[1]) for c in chunks]), "<i8")
-        return {key: {"steps": steps, "values": _b64(np.concatenate([c[2][key] for c in chunks]), "<f8"), "ts": ts}
-                for key in keys}
-    by_key: dict[str, tuple[list, list, list]] = {}
-    for ts, steps, values in chunks:
-        for key, vals in values.items():
-            s, v, t = by_key.setdefault(key, ([], [], []))
-            s.append(steps), v.append(vals), t.append(np.full(len(steps), ts, dtype=np.int64))
-    return {key: {"steps": _b64(np.concatenate(s), "<i8"), "values": _b64(np.concatenate(v), "<f8"),
-                  "ts": _b64(np.concatenate(t), "<i8")} for key, (s, v, t) in by_key.items()}
-
-
-def decode_metrics(entry: dict) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """A journaled metrics op -> {key: (steps, values, timestamps)}."""
-    return {key: tuple(np.frombuffer(base64.b64decode(d[part]), dtype=dtype)
-                       for part, dtype in (("steps", "<i8"), ("values", "<f8"), ("ts", "<i8")))
-            for key, d in entry["keys"].items()}
-
-
-def read_journal(folder: str | Path) -> list[dict]:
-    """The ops of a spool's journal, in order. A last line cut short (SIGKILL while writing)
-    is ignored; a bad line before it is an error."""
-    try:
-        raw = (Path(folder) / JOURNAL).read_bytes().replace(b"\0", b"")  # the unused room of a mapped journal
-    except FileNotFoundError:
-        return []
-    lines = raw.split(b"\n")
-    if lines[-1] and _torn(lines[-1]):
-        lines[-1] = b""  # cut short by a SIGKILL while it was written
-    entries = []
-    for number, line in enumerate(lines, 1):
-        if not line:
-            continue
-        try:
-            entries.append(json.loads(line))
-        except ValueError:
-            raise SyncError(f"{Path(folder) / JOURNAL} line {number} is not a journal entry") from None
-    return entries
-
-
-def _torn(line: bytes) -> bool:
-    try:
-        json.loads(line)
-        return False
-    except ValueError:
-        return True
-
-
 # One run's spool in this process ---------------------------------------------------------
 
-class _MappedJournal:
-    """An append-only file written through a shared memory map. An append is a memcpy that
-    keeps the GIL, where write() would hand it to the busy MLflow writer thread for up to
-    5 ms (measured with write(): bench row 2 at 0.3-0.7 us a value, noisy, against 0.27).
-    The pages belong to the page cache, so a SIGKILL loses nothing appended. The room not
-    used yet reads as NUL bytes (read_journal drops them); close() cuts it off."""
+class Stranded(StopRequested):
+    """Neither the store nor the spool takes a run's values: the loop stops (see the module's
+    docstring). Its line is made when it is shown, so it says what the checkpoint and the end
+    status that came after it found."""
 
-    def __init__(self, path: Path):
-        raw = path.read_bytes().replace(b"\0", b"") if path.exists() else b""
-        tail = raw[raw.rfind(b"\n") + 1:]
-        if tail:  # left by a process that died: a torn line would spoil the next one
-            raw = raw[:-len(tail)] if _torn(tail) else raw + b"\n"
-        if raw:  # rewritten whole, then renamed over it: a kill half way loses none of it
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_bytes(raw)
-            os.replace(tmp, path)
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        self.end, self.size, self.map = len(raw), 0, None
-        self._grow(0)
+    def __init__(self, spool: "Spool"):
+        super().__init__(spool.run_id)
+        self.spool = spool
 
-    def _grow(self, need: int) -> None:
-        if self.map is not None:
-            self.map.close()
-        self.size = max(1 << 20, 2 * self.size, self.end + need)
-        # Blocks reserved now: a full disk is an OSError here, not a SIGBUS in the loop.
-        # macOS has no posix_fallocate, and ZFS / some NFS refuse it: a plain resize there.
-        try:
-            os.posix_fallocate(self.fd, 0, self.size)
-        except (AttributeError, OSError) as e:
-            if isinstance(e, OSError) and e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
-                raise
-            os.ftruncate(self.fd, self.size)
-        self.map = mmap.mmap(self.fd, self.size)
-
-    def append(self, line: bytes) -> None:
-        if self.end + len(line) > self.size:
-            self._grow(len(line))
-        self.map[self.end:self.end + len(line)] = line
-        self.end += len(line)
-
-    def close(self) -> None:
-        self.map.close()
-        os.ftruncate(self.fd, self.end)
-        os.close(self.fd)
+    def __str__(self) -> str:
+        return self.spool.stranded_line(self.iteration)
 
 
 class Spool:
@@ -193,6 +103,12 @@ class Spool:
         self.holders = 0           # open IterationLoggers
         self.sequence = 0
         self.unwritable = False
+        self.full: OSError | None = None      # the last write the spool's disk refused
+        self.stranded = False                 # values neither the store nor the spool took: the run stops
+        self.stop_raised = False              # a Stranded was raised to the loop: its line says it all
+        self.kept_elsewhere: dict[str, Path] = {}  # what the spool could not take: run path -> local copy
+        self.not_kept: list[str] = []         # ops kept nowhere
+        self.lost: list[tuple[int, int, int]] = []  # metric values kept nowhere: (first step, last step, count)
         self.lock = threading.Lock()
         self._journal = self._lock_file = None
 
@@ -223,8 +139,15 @@ class Spool:
         root = spool_root()
         for name in (self.run_id, f"{self.run_id}.{os.getpid()}"):  # the second if another live process has it
             folder = root / name
-            _private_dir(folder)
-            lock = open(folder / LOCK_FILE, "a+")
+            made = not folder.exists()
+            private_dir(folder)
+            try:
+                if (folder / RUN_FILE).exists() and read_meta(folder)["run_id"] != self.run_id:
+                    raise SyncError(f"{folder / RUN_FILE} names another run than {self.run_id}: not taken over")
+                lock = open(folder / LOCK_FILE, "a+")
+            except (OSError, SyncError) as e:
+                self._undo(folder, made)
+                raise PermissionError(str(e)) if isinstance(e, SyncError) else e from None
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
@@ -232,13 +155,39 @@ class Spool:
                 lock.close()
         else:
             raise RuntimeError(f"spool folders of run {self.run_id} under {root} are held by other processes")
-        journal = _MappedJournal(folder / JOURNAL)
-        self.inherited = len(read_journal(folder))  # left by a process that died: they wait ahead of ours
+        try:
+            self._fill(folder)
+        except BaseException:  # no room (or no right) to write: nothing half made is left
+            lock.close()
+            self._undo(folder, made)
+            raise
+        self._lock_file, self.dir = lock, folder
+
+    @staticmethod
+    def _undo(folder: Path, made: bool) -> None:
+        if made:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def _fill(self, folder: Path) -> None:
+        """The reserve (first: a nearly full disk gives its last room to the end status),
+        the journal (a dead process's, taken over), run.json."""
+        with contextlib.suppress(OSError):  # no room for it: the disk is nearly full already
+            fd = os.open(folder / RESERVE_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                reserve_blocks(fd, RESERVE_BYTES)
+            finally:
+                os.close(fd)
+        journal = MappedJournal(folder / JOURNAL)
+        try:
+            self.inherited = len(read_journal(folder))  # left by a process that died: they wait ahead of ours
+            meta = {"run_id": self.run_id, "tracking_uri": self.tracking_uri, "pid": os.getpid()}
+            (folder / (RUN_FILE + ".tmp")).write_text(json.dumps(meta))
+            os.replace(folder / (RUN_FILE + ".tmp"), folder / RUN_FILE)
+        except BaseException:
+            journal.close()
+            raise
         self.sequence = max(self.sequence, self.inherited)  # its files/<n> folders stay its own
-        meta = {"run_id": self.run_id, "tracking_uri": self.tracking_uri, "pid": os.getpid()}
-        (folder / (RUN_FILE + ".tmp")).write_text(json.dumps(meta))
-        os.replace(folder / (RUN_FILE + ".tmp"), folder / RUN_FILE)
-        self._lock_file, self._journal, self.dir = lock, journal, folder
+        self._journal = journal
 
     def _write(self, entry: dict) -> int:
         line = json.dumps(entry, separators=(",", ":")).encode() + b"\n"
@@ -253,14 +202,46 @@ class Spool:
             try:
                 self._open()
                 token = self._write(entry)
-            except OSError as e:  # a full disk: the values still go to the store, just not spooled
-                if not self.unwritable:
-                    log.warning(f"warning: run {self.run_id}: the spool cannot be written ({e}); values go to the "
-                                "store only")
-                self.unwritable = True
+            except (OSError, SyncError) as e:  # a full disk: the values still go to the store, just not spooled
+                self._refused(e)
+                if self.away:  # and the store does not take them either
+                    self.stranded = True
                 return 0
             self.in_flight.add(token)
         return token
+
+    def _refused(self, error: BaseException) -> None:
+        if not self.unwritable:
+            log.warning(f"warning: run {self.run_id}: the spool {self.dir or spool_root() / self.run_id} cannot be "
+                        f"written ({short(error)}); values go to the store only")
+        self.unwritable = True
+        if isinstance(error, OSError):
+            self.full = error
+
+    def strand(self, first: int, last: int, count: int) -> None:
+        """Metric values neither the store nor the spool took (the writer gave up on them)."""
+        with self.lock:
+            self.stranded = True
+            self.lost.append((first, last, count))
+
+    def stranded_line(self, iteration: int | None) -> str:
+        """The one line of a run that stopped because nothing could keep its values."""
+        where = self.dir or spool_root() / self.run_id
+        why = f" ({short(self.full)})" if self.full else ""
+        at = f" at iteration {iteration}" if iteration is not None else ""
+        parts = [f"run {self.run_id} stopped{at}: the tracking store {self.tracking_uri} does not answer and the "
+                 f"spool {where} has no room left{why}"]
+        if self.dir is not None and (self.dir / JOURNAL).exists():
+            ended = any(e.get("op") == "status" for e in self.waiting)
+            parts.append(f"kept in {where}: what it journaled{' and the end status' if ended else ''} (send it "
+                         f"with `clr-mlflow sync {where}` once the store answers)")
+        parts += [f"{name} kept at {path}" for name, path in self.kept_elsewhere.items()]
+        if self.lost:
+            count, first, last = sum(n for *_, n in self.lost), min(f for f, *_ in self.lost), max(l for _, l, _ in self.lost)
+            parts.append(f"kept nowhere: {count} metric values of steps {first}-{last}")
+        if self.not_kept:
+            parts.append(f"kept nowhere: {', '.join(self.not_kept)}")
+        return "; ".join(parts)
 
     def delivered(self, token: int) -> None:
         with self.lock:
@@ -278,22 +259,64 @@ class Spool:
                             f"{self.dir or spool_root() / self.run_id} and sent when it answers")
             self.away = True
 
-    def journal_op(self, kind: str, payload: dict, stage: Callable[[Path], None] | None) -> None:
+    def journal_op(self, kind: str, payload: dict, stage: Callable[[Path], None] | None) -> bool:
+        """Journal an op the store did not take. True when the spool took it; False when it
+        could not (a full disk): then the run is stranded, its files are kept in a private
+        folder elsewhere if any room allows, and a status uses the folder's reserve."""
         with self.lock:
-            self._open()
-            entry = {"op": kind, **payload}
-            if stage is not None:
-                entry["files"] = f"files/{self.sequence + 1:05d}"
-                folder = self.dir / entry["files"]
-                shutil.rmtree(folder, ignore_errors=True)
+            try:
+                self._journal_op(kind, payload, stage)
+                return True
+            except (OSError, SyncError) as e:
+                self._refused(e)
+                if kind == "status" and self.dir is not None and (self.dir / RESERVE_FILE).exists():
+                    with contextlib.suppress(OSError, SyncError):
+                        (self.dir / RESERVE_FILE).unlink()  # the room kept for this
+                        self._journal_op(kind, payload, stage)
+                        return True
+            self.stranded = True
+            self._keep_elsewhere(kind, payload, stage)
+            return False
+
+    def _keep_elsewhere(self, kind: str, payload: dict, stage: Callable[[Path], None] | None) -> None:
+        name = payload.get("path") or (kind if kind != "status" else f"the end status {payload.get('status')}")
+        if stage is None:
+            keys = sorted(payload.get(kind) or payload.get("keys") or {})
+            self.not_kept.append(name if kind in ("status", "model") else f"{kind} {', '.join(keys)}".strip())
+            return
+        root = Path(tempfile.gettempdir()) / f"clr_mlflow-kept-{os.geteuid()}" / self.run_id
+        folder = root / (posixpath.dirname(name) if kind in ("artifact", "table") else kind)
+        try:
+            private_dir(root)
+            folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+            stage(folder)
+        except OSError:
+            self.not_kept.append(name)
+            return
+        self.kept_elsewhere[name] = folder / posixpath.basename(name) if kind in ("artifact", "table") else folder
+        log.debug(f"run {self.run_id}: {name} kept at {self.kept_elsewhere[name]}")
+
+    def _journal_op(self, kind: str, payload: dict, stage: Callable[[Path], None] | None) -> None:
+        self._open()
+        entry = {"op": kind, **payload}
+        if stage is not None:
+            entry["files"] = f"files/{self.sequence + 1:05d}"
+            folder = self.dir / entry["files"]
+            shutil.rmtree(folder, ignore_errors=True)
+            try:
                 folder.mkdir(parents=True)
                 stage(folder)
+                self._write(entry)
+            except BaseException:
+                shutil.rmtree(folder, ignore_errors=True)  # a half-written file frees its room
+                raise
+        else:
             self._write(entry)
-            if kind in ("artifact", "table"):  # a newer file at the same path (a checkpoint) replaces it
-                for old in [e for e in self.waiting if e["op"] == kind and e["path"] == entry["path"]]:
-                    self.waiting.remove(old)
-                    shutil.rmtree(self.dir / old["files"], ignore_errors=True)
-            self.waiting.append(entry)
+        if kind in ("artifact", "table"):  # a newer file at the same path (a checkpoint) replaces it
+            for old in [e for e in self.waiting if e["op"] == kind and e["path"] == entry["path"]]:
+                self.waiting.remove(old)
+                shutil.rmtree(self.dir / old["files"], ignore_errors=True)
+        self.waiting.append(entry)
 
     def all_delivered(self) -> None:
         with self.lock:
@@ -355,52 +378,6 @@ def find(run_id: str) -> Path | None:
     return found[0] if found else None
 
 
-def sync(path: str | Path, tracking_uri: str | None = None) -> str:
-    """Send a spool folder (or every run folder under a spool root) to its run's store: the
-    URI in run.json, unless `tracking_uri` is given (a store that moved). A line per run;
-    SyncError when it is no spool, a live process holds it, or the store does not answer."""
-    path = Path(path)
-    if not (path / RUN_FILE).is_file():
-        runs = sorted(p for p in path.glob("*") if (p / RUN_FILE).is_file()) if path.is_dir() else []
-        if not runs:
-            raise SyncError(f"Expected a clr_mlflow spool folder (with {RUN_FILE}) or a folder of them, but "
-                            f"{path} is neither")
-        return "\n".join(sync(run, tracking_uri) for run in runs)
-    try:
-        meta = json.loads((path / RUN_FILE).read_text())
-        run_id, uri = meta["run_id"], tracking_uri or meta["tracking_uri"]
-    except (ValueError, KeyError):
-        raise SyncError(f"Expected {path / RUN_FILE} to name a run and its store, but it does not") from None
-    own = next((s for s in list(_registry.values()) if s.dir is not None and s.dir == path.absolute()), None)
-    with open(path / LOCK_FILE, "a+") as lock:
-        try:
-            if own is None:  # this process holds the lock of its own spools already
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            elif own.holders:
-                raise BlockingIOError
-        except BlockingIOError:
-            raise SyncError(f"{path} is in use by a live process (pid {meta.get('pid', '?')}): it sends the spool "
-                            "itself; sync once it has ended") from None
-        from clr_mlflow.tracking import delivery
-
-        why = delivery.unreachable(uri)
-        if why:
-            raise SyncError(f"{why}; run {run_id} stays spooled in {path}")
-        try:
-            summary = delivery.replay(path, run_id, uri)
-        except SyncError:
-            raise
-        except Exception as e:
-            if not delivery.refused_or_away(e):
-                raise
-            how = "stopped answering" if delivery.is_outage(e) else "refused it"
-            raise SyncError(f"Sending run {run_id} to {uri} failed: the store {how} ({short(e)}); it stays "
-                            f"spooled in {path} (a second sync skips what arrived)") from None
-        if own is not None:
-            own.all_delivered()
-            own.release()
-            return summary
-        shutil.rmtree(path)
-    with contextlib.suppress(OSError):
-        path.parent.rmdir()
-    return summary
+def held_here(path: Path) -> Spool | None:
+    """This process's spool whose folder is `path`, if any (its lock is held already)."""
+    return next((s for s in list(_registry.values()) if s.dir is not None and s.dir == path.absolute()), None)
