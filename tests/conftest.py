@@ -12,9 +12,57 @@ REPO = Path(__file__).resolve().parents[1]
 CIFAR = Path(os.environ.get("CLR_MLFLOW_CIFAR", REPO.parent / "shared" / "data" / "cifar10"))
 
 
+def _threads_per_process() -> int:
+    """The cores this machine gives us, shared among pytest-xdist's workers: two workers
+    of two OpenMP threads each on two cores spin against each other (a test then runs
+    several times slower)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1))
+
+
+def pytest_configure(config):
+    """Torch threads in each process that runs tests; child processes (the CLI, `mlflow
+    run`, Ray's workers, torchrun) inherit OMP_NUM_THREADS. A value the user set wins."""
+    if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
+        return  # pytest-xdist's controller runs no test: each worker sets its own
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(var, str(_threads_per_process()))
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+_EMPTY_STORE: Path | None = None
+
+
+def empty_store_file() -> Path:
+    """A SQLite file holding MLflow's schema and nothing else, made once per test process:
+    creating the schema (dozens of migrations, each committed to disk) takes seconds; a copy
+    of this file is the same empty store in milliseconds."""
+    global _EMPTY_STORE
+    if _EMPTY_STORE is None:
+        import atexit
+        import shutil
+        import tempfile
+
+        from mlflow import MlflowClient
+
+        folder = Path(tempfile.mkdtemp(prefix="clr_mlflow_empty_store_"))
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        MlflowClient(f"sqlite:///{folder / 'mlflow.db'}").search_experiments()
+        _EMPTY_STORE = folder / "mlflow.db"
+    return _EMPTY_STORE
+
+
 def use_store(mp: pytest.MonkeyPatch, folder: Path) -> str:
-    """Point MLflow, in this process and its children, at a new SQLite store in `folder`,
-    forgetting any experiment an earlier test made active."""
+    """Point MLflow, in this process and its children, at a new, empty SQLite store in
+    `folder` (its schema made), forgetting any experiment an earlier test made active."""
+    import shutil
+
+    shutil.copyfile(empty_store_file(), folder / "mlflow.db")
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     mp.setenv("MLFLOW_TRACKING_URI", uri)
     for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):

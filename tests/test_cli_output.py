@@ -20,6 +20,9 @@ from tests.conftest import REPO, use_store
 SMALL = dict(limit_train=640, limit_test=64, batch_size=32, device="cpu")
 PROGRESS = ("Downloading artifacts",)  # MLflow's tqdm bar (our own loops have bars of their own)
 
+# One xdist worker runs this module: its tests share the module's store of runs.
+pytestmark = pytest.mark.xdist_group("cli_output")
+
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, cifar, data_dir):
@@ -153,7 +156,8 @@ def git(repo, *args) -> str:
 
 
 def set_version(repo: Path, suffix: str) -> None:
-    init = repo / "clr_mlflow" / "__init__.py"
+    (init,) = [f for f in (repo / "clr_mlflow" / "version.py", repo / "clr_mlflow" / "__init__.py")
+               if f.is_file() and re.search(r'^__version__ = "', f.read_text(), re.M)]  # where it is set
     text, n = re.subn(r'__version__ = "([^"+]*)[^"]*"', rf'__version__ = "\1+{suffix}"', init.read_text())
     assert n == 1
     init.write_text(text)

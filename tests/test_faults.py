@@ -12,8 +12,10 @@ import mlflow.pytorch
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 from mlflow import MlflowClient
 
+from clr_mlflow.app.cli import main
 from clr_mlflow.core import checkpoint
 from clr_mlflow.tracking import spool
 
@@ -33,23 +35,52 @@ def steps_of(run_id, key):
     return sorted(m.step for m in MlflowClient().get_metric_history(run_id, key))
 
 
+def wait_for(condition, what, proc, timeout=300):
+    """Poll `condition` until it holds (its value), while `proc` lives; the timeout only
+    trips on a hang."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = condition()
+        if got:
+            return got
+        assert proc.poll() is None, f"exited before {what}:\n" + proc.communicate()[1][-2000:]
+        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
+        time.sleep(0.05)
+
+
+def run_of(experiment):
+    exp = mlflow.get_experiment_by_name(experiment)
+    runs = mlflow.search_runs([exp.experiment_id]) if exp is not None else []
+    return runs["run_id"][0] if len(runs) else None
+
+
+def a_checkpoint(run_id):
+    """The run's train/checkpoint.pt as it is now, loaded; None while it has none (or while
+    the store is still copying it in)."""
+    if "train/checkpoint.pt" not in [a.path for a in MlflowClient().list_artifacts(run_id, "train")]:
+        return None
+    try:
+        return checkpoint.load(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="train/checkpoint.pt"))
+    except (checkpoint.CheckpointError, OSError):
+        return None
+
+
 def wait_for_training(proc, experiment, timeout=300):
-    """The run id once its first train/lr values are in the store."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        assert proc.poll() is None, proc.communicate()[1][-2000:]
-        exp = mlflow.get_experiment_by_name(experiment)
-        if exp is not None:
-            runs = mlflow.search_runs([exp.experiment_id])
-            if len(runs) and steps_of(runs["run_id"][0], "train/lr"):
-                return runs["run_id"][0]
-        time.sleep(0.5)
-    raise AssertionError("training never started")
+    """The run id once training is under way: its first checkpoint (an epoch, or
+    --checkpoint-every iterations, in) is in the store. An event, not a time: the process
+    is signalled mid-training however fast this machine trains."""
+    run_id = wait_for(lambda: run_of(experiment), f"a run in {experiment!r}", proc, timeout)
+    wait_for(lambda: a_checkpoint(run_id), f"the first checkpoint of run {run_id}", proc, timeout)
+    return run_id
 
 
+# 360 training images in batches of 32: 11 iterations an epoch, a checkpoint at each epoch's end;
+# 300 iterations are 27 epochs and 7.5 triangular2 cycles, so the signal (at the first
+# checkpoint) falls early in training and resume continues through cycles and epochs.
+ITERATIONS = 300
 RESUMABLE = ["run", "--limit-train", "400", "--limit-test", "64", "--batch-size", "32", "--num-iters", "60",
-             "--lr-start", "1e-4", "--bounds-rule", "loss_edge", "--policy", "triangular2", "--step-size", "100",
-             "--iterations", "1500", "--device", "cpu", "--system-metrics", "false"]
+             "--lr-start", "1e-4", "--bounds-rule", "loss_edge", "--policy", "triangular2", "--step-size", "20",
+             "--iterations", str(ITERATIONS), "--device", "cpu", "--system-metrics", "false"]
 
 
 def history(run_id, key):
@@ -58,13 +89,15 @@ def history(run_id, key):
 
 @pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_a_signal_mid_training_ends_the_run_killed_and_resume_ends_it_as_if_never_stopped(store_env, cifar, data_dir,
-                                                                                         signum, code):
+                                                                                         tmp_path, signum, code):
     args = [*RESUMABLE, "--data", str(cifar), "--data-dir", str(data_dir)]
     # One torch thread each: two processes of two threads on two cores crawl (OpenMP spins).
     env = dict(store_env, OMP_NUM_THREADS="1")
-    popen = dict(env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    reference = subprocess.Popen([CLR_MLFLOW, *args, "--experiment", "whole"], **popen)
-    proc = subprocess.Popen([CLR_MLFLOW, *args, "--experiment", "cut"], **popen)
+    # The reference's output goes to a file: a pipe nobody reads while it trains would stall it.
+    with open(tmp_path / "reference.log", "w") as log:
+        reference = subprocess.Popen([CLR_MLFLOW, *args, "--experiment", "whole"], env=env, stdout=log, stderr=log)
+    proc = subprocess.Popen([CLR_MLFLOW, *args, "--experiment", "cut"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     run_id = wait_for_training(proc, "cut")
     proc.send_signal(signum)
     out, err = proc.communicate(timeout=120)
@@ -76,18 +109,18 @@ def test_a_signal_mid_training_ends_the_run_killed_and_resume_ends_it_as_if_neve
     n = run.data.metrics["range_test/iterations"]
     assert steps_of(run_id, "range_test/lr") == list(range(int(n)))  # the finished range test, whole
     trained = steps_of(run_id, "train/lr")
-    assert 0 < len(trained) < 1500 and trained == list(range(len(trained)))  # every iteration done, no gap
+    assert 0 < len(trained) < ITERATIONS and trained == list(range(len(trained)))  # every iteration done, no gap
     assert steps_of(run_id, "train/loss") == trained
     assert [a.path for a in MlflowClient().list_artifacts(run_id, "train")] == ["train/checkpoint.pt"]
 
     res = subprocess.run([CLR_MLFLOW, "resume", run_id], capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.strip().splitlines()[-1].startswith(f"run {run_id} |")
-    assert reference.wait(timeout=600) == 0, reference.communicate()[1][-2000:]
+    assert reference.wait(timeout=600) == 0, (tmp_path / "reference.log").read_text()[-2000:]
     whole = mlflow.search_runs(experiment_names=["whole"])["run_id"][0]
     resumed = MlflowClient().get_run(run_id)
     assert resumed.info.status == "FINISHED"
-    assert steps_of(run_id, "train/lr") == list(range(1500))  # each step once
+    assert steps_of(run_id, "train/lr") == list(range(ITERATIONS))  # each step once
     for key in ("train/lr", "train/loss", "train/smoothed_loss", "val/accuracy", "val/loss", "train/epoch_accuracy"):
         assert history(run_id, key) == history(whole, key), key  # bit for bit on the CPU
     finals = MlflowClient().get_run(whole).data.metrics
@@ -102,13 +135,14 @@ def test_sigkill_after_a_checkpoint_then_resume_leaves_no_step_missing_or_twice(
     """The hard case: killed between a checkpoint and the next buffer flush, the process can
     only leave the spool; resume sends it, then trains on from the checkpoint."""
     args = ["train", "--data", str(cifar), "--data-dir", str(data_dir), "--limit-train", "400", "--limit-test", "64",
-            "--batch-size", "32", "--base-lr", "0.01", "--max-lr", "0.1", "--iterations", "1500", "--step-size", "100",
-            "--checkpoint-every", "50", "--device", "cpu", "--system-metrics", "false", "--save-model", "false",
-            "--experiment", "sigkill"]
+            "--batch-size", "32", "--base-lr", "0.01", "--max-lr", "0.1", "--iterations", str(ITERATIONS),
+            "--step-size", "20", "--checkpoint-every", "50", "--device", "cpu", "--system-metrics", "false",
+            "--save-model", "false", "--experiment", "sigkill"]
     proc = subprocess.Popen([CLR_MLFLOW, *args], env=store_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
+    # Killed as soon as the first checkpoint (iteration 50) is whole in the store: past a
+    # checkpoint, well before the next one and before the buffer's next 5-s flush.
     run_id = wait_for_training(proc, "sigkill")
-    time.sleep(1.5)  # past a checkpoint, before the buffer's next 5-s flush
     proc.kill()
     proc.communicate(timeout=60)
     assert MlflowClient().get_run(run_id).info.status == "RUNNING"  # nobody could say otherwise
@@ -122,9 +156,9 @@ def test_sigkill_after_a_checkpoint_then_resume_leaves_no_step_missing_or_twice(
     assert f"run {run_id}: " in res.stdout  # the spool's line: sent before training went on
     assert MlflowClient().get_run(run_id).info.status == "FINISHED"
     for key in ("train/lr", "train/loss"):
-        assert steps_of(run_id, key) == list(range(1500)), key
+        assert steps_of(run_id, key) == list(range(ITERATIONS)), key
     epochs = steps_of(run_id, "val/accuracy")
-    assert len(epochs) == len(set(epochs)) == 1500 // 11 + 1
+    assert len(epochs) == len(set(epochs)) == ITERATIONS // 11 + 1
 
 
 def test_a_signal_repeated_at_once_is_one_stop_and_the_checkpoint_is_written(store_env, cifar, data_dir):
@@ -153,14 +187,20 @@ def test_resume_refuses_a_finished_run_and_a_run_without_checkpoint_in_one_line(
     bare = client.create_run(exp, tags={"clr_mlflow.command": "train"})
     client.set_terminated(bare.info.run_id, "KILLED")
     tested = client.create_run(exp, tags={"clr_mlflow.command": "range-test"})
-    for run_id, needle in ((finished.info.run_id, "is FINISHED: nothing to resume"),
-                           (bare.info.run_id, "to have a checkpoint (train/checkpoint.pt), but it has none"),
-                           (tested.info.run_id, "to name a training run of clr_mlflow"),
-                           ("0" * 32, "to name an existing run")):
-        res = subprocess.run([CLR_MLFLOW, "resume", run_id], capture_output=True, text=True, env=store_env,
-                             timeout=300)
-        last = res.stderr.strip().splitlines()[-1]
-        assert res.returncode == 2 and last.startswith("Error: Expected") and needle in last, res.stderr[-1500:]
+    for k, (run_id, needle) in enumerate(((finished.info.run_id, "is FINISHED: nothing to resume"),
+                                          (bare.info.run_id, "to have a checkpoint (train/checkpoint.pt), but it has none"),
+                                          (tested.info.run_id, "to name a training run of clr_mlflow"),
+                                          ("0" * 32, "to name an existing run"))):
+        if k == 0:  # through a real `clr-mlflow` process, as a user runs it
+            res = subprocess.run([CLR_MLFLOW, "resume", run_id], capture_output=True, text=True, env=store_env,
+                                 timeout=300)
+            code, stderr = res.returncode, res.stderr
+        else:  # the same command in this process (click's CliRunner): no interpreter to start
+            res = CliRunner().invoke(main, ["resume", run_id])
+            code, stderr = res.exit_code, res.stderr
+            assert res.exception is None or isinstance(res.exception, SystemExit), res.exception
+        last = stderr.strip().splitlines()[-1]
+        assert code == 2 and last.startswith("Error: Expected") and needle in last, stderr[-1500:]
     assert client.get_run(bare.info.run_id).info.status == "KILLED"  # refused before the run was touched
 
 
@@ -199,6 +239,13 @@ def test_six_processes_on_a_fresh_sqlite_file_all_finish(tmp_path, cifar, data_d
     assert len(runs) == 6 and set(runs["status"]) == {"FINISHED"}
 
 
+# One case of each command through a real `clr-mlflow` process; the others through click's
+# CliRunner (tests/test_bad_inputs.py does every command so).
+THROUGH_A_PROCESS = [["range-test", "--num-iters", "1000000000000"],
+                     ["train", "--base-lr", "0.01", "--max-lr", "0.1", "--iterations", "1000000000000"],
+                     ["compare", "--target-accuracy", "nan"]]
+
+
 @pytest.mark.parametrize("args,needle", [
     (["range-test", "--num-iters", "1000000000000"], "Expected num_iters <= 10,000,000"),
     (["range-test", "--lr-end", "inf"], "Expected finite lr_end"),
@@ -215,9 +262,16 @@ def test_six_processes_on_a_fresh_sqlite_file_all_finish(tmp_path, cifar, data_d
 ])
 def test_absurd_numbers_and_names_are_one_line_before_any_run(store_env, tmp_path, args, needle):
     data_dir = [] if args[0] == "compare" else ["--data-dir", str(tmp_path)]
-    res = subprocess.run([CLR_MLFLOW, *args, *data_dir], capture_output=True, text=True, env=store_env, timeout=300)
-    last = res.stderr.strip().splitlines()[-1]
-    assert res.returncode == 2 and "Error:" in last and needle in last, res.stderr[-1500:]
+    if args in THROUGH_A_PROCESS:  # the console script, as a user runs it
+        res = subprocess.run([CLR_MLFLOW, *args, *data_dir], capture_output=True, text=True, env=store_env,
+                             timeout=300)
+        code, stderr = res.returncode, res.stderr
+    else:  # the same click group in this process: the same checks, without an interpreter's start
+        res = CliRunner().invoke(main, args + data_dir)
+        code, stderr = res.exit_code, res.stderr
+        assert res.exception is None or isinstance(res.exception, SystemExit), res.exception
+    last = stderr.strip().splitlines()[-1]
+    assert code == 2 and "Error:" in last and needle in last, stderr[-1500:]
     assert mlflow.search_runs(search_all_experiments=True).empty
 
 

@@ -1,6 +1,6 @@
 """Tracking outages as they happen to a user: a real `mlflow server` SIGKILLed mid-training
-(back on the same port 15 s later, or not before the run has ended), a `clr-mlflow`
-process SIGKILLed. What the run wrote is in its spool and reaches MLflow once, in order:
+(back on the same port once the run's writer has found it gone, or not before the run has
+ended), a `clr-mlflow` process SIGKILLed. What the run wrote is in its spool and reaches MLflow once, in order:
 by the writer's retries, or later by `clr-mlflow sync`."""
 import os
 import re
@@ -26,10 +26,10 @@ from clr_mlflow.tracking.runs import active_run, log_artifact_file, log_metrics,
 CLR_MLFLOW = str(Path(sys.executable).parent / "clr-mlflow")
 
 
-def train_args(cifar, data_dir, iterations):
+def train_args(cifar, data_dir, iterations, experiment):
     return ["train", "--data", str(cifar), "--data-dir", str(data_dir), "--limit-train", "400", "--limit-test", "64",
             "--batch-size", "32", "--base-lr", "0.01", "--max-lr", "0.1", "--iterations", str(iterations),
-            "--step-size", "50", "--device", "cpu", "--experiment", "outage", "--system-metrics", "false",
+            "--step-size", "50", "--device", "cpu", "--experiment", experiment, "--system-metrics", "false",
             "--checkpoint-every", "500"]  # a few checkpoints: ops during training too, not one an epoch
 
 
@@ -51,17 +51,24 @@ def steps_of(client, run_id, key):
     return sorted(m.step for m in client.get_metric_history(run_id, key))
 
 
-def wait_for_training(proc, client, logs, min_steps=1, timeout=300):
+def wait_for_training(proc, client, logs, experiment, min_steps=1, timeout=300):
     """The run id once `min_steps` train/lr values are in the store."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         assert proc.poll() is None, (logs / "stderr").read_text()[-3000:]
-        exp = client.get_experiment_by_name("outage")
+        exp = client.get_experiment_by_name(experiment)
         runs = client.search_runs([exp.experiment_id]) if exp else []
         if runs and len(steps_of(client, runs[0].info.run_id, "train/lr")) >= min_steps:
             return runs[0].info.run_id
         time.sleep(0.5)
     raise AssertionError("training never started")
+
+
+def wait_until(condition, what, timeout=120):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} within {timeout} s"
+        time.sleep(0.2)
 
 
 def journal_steps(folder, key):
@@ -84,23 +91,39 @@ def assert_whole_run(client, run_id, iterations, status="FINISHED"):
     assert "test/accuracy" in run.data.metrics
 
 
-@pytest.fixture
-def server(tmp_path):
-    """A real `mlflow server` on its own SQLite file, serving artifacts, that a test may crash
-    and restart."""
-    with MlflowServer(f"sqlite:///{tmp_path / 'server.db'}", workers=1) as s:
+@pytest.fixture(scope="module")
+def shared_server(tmp_path_factory):
+    """One real `mlflow server` on its own SQLite file, serving artifacts, for this module's
+    tests (each in experiments of its own): starting one costs seconds of CPU."""
+    with MlflowServer(f"sqlite:///{tmp_path_factory.mktemp('server') / 'server.db'}", workers=1) as s:
         yield s
 
 
-def test_a_server_killed_mid_training_and_back_15_s_later_loses_no_point(server, tmp_path, cifar, data_dir):
-    iterations = 3000  # ~60 s of training here: it must outlast the outage and the restart
+@pytest.fixture
+def server(shared_server):
+    """The module's server, which a test may crash and restart; up again for the next test."""
+    yield shared_server
+    if shared_server.proc is None:  # crashed and left down by the test
+        shared_server.restart()
+
+
+def test_a_server_killed_mid_training_and_back_later_loses_no_point(server, tmp_path, cifar, data_dir):
+    iterations = 2000  # ~30 s of training here: it must outlast the writer's first try after the crash (~8 s)
     client = MlflowClient(server.uri)
-    proc = start(train_args(cifar, data_dir, iterations), child_env(server.uri, tmp_path / "spool"), tmp_path)
-    run_id = wait_for_training(proc, client, tmp_path)
+    proc = start(train_args(cifar, data_dir, iterations, "back"), child_env(server.uri, tmp_path / "spool"), tmp_path)
+    run_id = wait_for_training(proc, client, tmp_path, "back")
     server.crash()
-    time.sleep(15)
-    assert proc.poll() is None, "training ended during the outage: it needs more iterations on this machine"
-    server.restart()
+    # The outage lasts until the run's writer has found the store gone (its next flush
+    # fails), whenever that is; the process is held still (SIGSTOP) while the server
+    # restarts, so however long a restart takes here, training goes on after it.
+    wait_until(lambda: "did not take a write" in (tmp_path / "stderr").read_text() or proc.poll() is not None,
+               "the writer finds the store away", timeout=300)
+    proc.send_signal(signal.SIGSTOP)
+    try:
+        assert proc.poll() is None, "training ended during the outage: it needs more iterations on this machine"
+        server.restart()
+    finally:
+        proc.send_signal(signal.SIGCONT)
     assert proc.wait(timeout=600) == 0, (tmp_path / "stderr").read_text()[-3000:]
     err = (tmp_path / "stderr").read_text()
     assert "did not take a write" in err and "answers again" in err  # the outage did hit the writer
@@ -112,8 +135,9 @@ def test_a_server_killed_for_good_the_run_ends_locally_and_sync_delivers_everyth
                                                                                     data_dir):
     iterations = 800
     client = MlflowClient(server.uri)
-    proc = start(train_args(cifar, data_dir, iterations), child_env(server.uri, tmp_path / "spool"), tmp_path)
-    run_id = wait_for_training(proc, client, tmp_path)
+    proc = start(train_args(cifar, data_dir, iterations, "for_good"), child_env(server.uri, tmp_path / "spool"),
+                 tmp_path)
+    run_id = wait_for_training(proc, client, tmp_path, "for_good")
     server.crash()
     code = proc.wait(timeout=600)
     ended = time.time()
@@ -146,10 +170,9 @@ def test_sigkill_mid_training_keeps_all_but_the_last_seconds_and_sync_ends_the_r
     client, root = MlflowClient(), tmp_path / "spool"
     monkeypatch.setenv("CLR_MLFLOW_SPOOL_DIR", str(root))
     client.search_experiments()  # the schema exists before the child opens the file
-    proc = start(train_args(cifar, data_dir, 3000), child_env(tracking, root), tmp_path)
-    run_id = wait_for_training(proc, client, tmp_path, min_steps=200)
-    time.sleep(1)
-    proc.send_signal(signal.SIGKILL)
+    proc = start(train_args(cifar, data_dir, 3000, "killed"), child_env(tracking, root), tmp_path)
+    run_id = wait_for_training(proc, client, tmp_path, "killed", min_steps=200)
+    proc.send_signal(signal.SIGKILL)  # mid-training: values since the last flush exist in no store
     proc.wait(timeout=60)
     folder = spool.find(run_id)
     assert folder == root / run_id
@@ -285,13 +308,6 @@ def test_the_run_ends_at_once_when_the_store_is_away_and_this_process_can_send_i
     assert got.data.metrics["test/accuracy"] == 0.5
     assert steps_of(client, run.info.run_id, "x/lr") == list(range(100))
     assert undelivered(run.info.run_id) is None and not folder.exists()
-
-
-def wait_until(condition, what, timeout=120):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"{what} within {timeout} s"
-        time.sleep(0.2)
 
 
 def test_ops_spooled_in_a_short_outage_are_sent_when_the_store_answers_again_the_newest_file_only(

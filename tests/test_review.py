@@ -17,6 +17,9 @@ from tests.conftest import use_store
 
 EXP = "review"
 
+# One xdist worker runs this module: its tests share the module's store of runs.
+pytestmark = pytest.mark.xdist_group("review")
+
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, cifar):

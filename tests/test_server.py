@@ -21,6 +21,9 @@ from tests.servers import LookupBarrier, mlflow_server, pg_server  # noqa: F401 
 
 CLI_TIMEOUT = 600
 
+# One xdist worker runs this module: its tests share one PostgreSQL and `mlflow server` (session fixtures).
+pytestmark = pytest.mark.xdist_group("postgres_server")
+
 
 def clr_command() -> list[str]:
     """The installed console script next to this interpreter (as a user runs it)."""
