@@ -21,7 +21,8 @@ def on_ray(setup, keys: list[tuple], asha: bool, cpus: float, max_concurrent: in
     import ray
     from ray import tune
 
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's older reporter, which verbose=0 quiets
+    # (no environment variable is set to quiet Tune's reporter: this is a library call in the
+    # caller's process; verbose=0 below quiets what it can)
     started = not ray.is_initialized()
     if started:
         ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level=logging.WARNING,

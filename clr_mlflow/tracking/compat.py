@@ -1,6 +1,6 @@
 """What clr_mlflow needs from MLflow that its public API offers only indirectly.
 
-Only public names are used (no `_`-prefixed MLflow name, no `mlflow.*._private`); each way
+Only public names are used (no underscore-prefixed MLflow name or module); each way
 round is pinned by a test (tests/test_embedding.py), so an MLflow release that changes it
 fails our CI instead of a user's program.
 
