@@ -64,7 +64,7 @@ def _parameter(f, hints) -> str:
 
 # `sweep`: the parameters of `main` but those its lists replace, and its own (type, default).
 # The policies default stays quoted: a comma inside a YAML {...} would end the value.
-SWEEP = {"policies": ("string", f'"{",".join(POLICIES)}"'), "bounds_rules": ("string", "loss_edge"),
+SWEEP = {"policies": ("string", f'"{",".join(POLICIES)}"'), "bounds_rules": ("string", "steepest"),
          "seeds": ("string", '"0"'), "grid": ("string", '""'), "ray_address": ("string", '""'),
          "cpus_per_trial": ("float", 1), "gpus_per_trial": ("float", 0), "max_concurrent": ("int", 0),
          "max_trials": ("int", 1000), "early_stop": ("string", "false")}
@@ -72,12 +72,15 @@ SWEEP_REPLACES = ("policy", "bounds_rule", "seed", "seeds")
 
 
 def sweep_entry(hints) -> list[str]:
-    """--early-stop is a flag: given when early_stop=true (MLflow runs commands with bash -c)."""
+    """--early-stop is a flag: given for early_stop=true/1/yes, left out for false/0/no; any
+    other value reaches click as --early-stop=VALUE, refused in one line (MLflow runs commands
+    with bash -c)."""
     names = [n for n in Config.names(COMMANDS["run"]) if n not in SWEEP_REPLACES]
     out = ["  sweep:", "    parameters:"] + [f"      {k}: {{type: {t}, default: {d}}}" for k, (t, d) in SWEEP.items()]
     out += [_parameter(f, hints) for f in fields(Config) if f.name in names]
     args = " ".join(f"--{n.replace('_', '-')} {{{n}}}" for n in [*SWEEP][:-1] + names)
-    out.append(f'    command: "{PROGRAM} sweep {args} $([ {{early_stop}} = true ] && echo --early-stop)"')
+    out.append(f'    command: "{PROGRAM} sweep {args} $(case {{early_stop}} in true|True|1|yes) echo --early-stop;; '
+               f'false|False|0|no) ;; *) echo --early-stop={{early_stop}};; esac)"')
     return out
 
 

@@ -97,17 +97,24 @@ def test_dict_batches_dict_loss_and_two_param_groups(tracking):
         steps, got = history(result.run_id, key)
         np.testing.assert_array_equal(steps, np.arange(30))
         np.testing.assert_allclose(got, values, rtol=1e-12)
-    assert run.data.params["range_test.num_iters"] == "30" and run.data.params["range_test.bounds_rule"] == "loss_edge"
+    assert run.data.params["range_test.num_iters"] == "30" and run.data.params["range_test.bounds_rule"] == "steepest"
     arts = {a.path for a in MlflowClient().list_artifacts(result.run_id, "range_test")}
     assert {"range_test/curve.png", "range_test/curve.csv", "range_test/bounds.json"} <= arts
     # bounds, suggest and plot
     table = result.bounds
     chosen = table[table["selected"]].iloc[0]
-    assert chosen["rule"] == "loss_edge"  # the default: it trained best in docs/RESULTS.md
+    assert chosen["rule"] == "steepest"  # the default: best mean rank over five families in docs/RESULTS.md
     assert result.suggest() == (chosen["base_lr"], chosen["max_lr"])
     assert run.data.metrics["bounds/max_lr"] == pytest.approx(chosen["max_lr"])
     low = int(np.argmin(result.smoothed))
-    assert chosen["max_lr"] == pytest.approx(lrs[low]) and chosen["base_lr"] == pytest.approx(lrs[low] / 4)
+    # steepest, recomputed: the most negative slope of smoothed loss vs log10(lr), a central
+    # difference over +-1 point (30 < 100 points), from point 10 (the EMA settling) to the minimum
+    x, y = np.log10(lrs), result.smoothed
+    slopes = {i: (y[i + 1] - y[i - 1]) / (x[i + 1] - x[i - 1]) for i in range(min(10, low // 2), low)}
+    steep = lrs[min(slopes, key=slopes.get)]
+    assert chosen["max_lr"] == pytest.approx(steep) and chosen["base_lr"] == pytest.approx(steep / 4)
+    edge = table.set_index("rule").loc["loss_edge"]  # the loss minimum's rule, still in the table
+    assert edge["max_lr"] == pytest.approx(lrs[low]) and edge["base_lr"] == pytest.approx(lrs[low] / 4)
     assert run.data.metrics["range_test/lr_at_min"] == pytest.approx(lrs[low])
     assert isinstance(result.plot(), matplotlib.figure.Figure)
     frame = result.to_frame()

@@ -140,6 +140,8 @@ def test_the_user_program_is_left_exactly_as_it_was(tracking, ending, tmp_path, 
     MlflowClient().search_experiments()  # the user's store exists (its ./mlruns is the store's, made here)
     (tmp_path / "work").mkdir()
     monkeypatch.chdir(tmp_path / "work")  # the program's own working directory: nothing may appear in it
+    with mlflow.start_run() as own:  # the caller's own last run: still theirs after lr_find
+        pass
     model, opt, loader, scaler = user_program()
     before = snapshot(model, opt, loader, scaler)
     threads = our_threads()
@@ -155,10 +157,9 @@ def test_the_user_program_is_left_exactly_as_it_was(tracking, ending, tmp_path, 
         status = "FAILED" if ending == "error" else "KILLED"
     assert_same(before, snapshot(model, opt, loader, scaler))
     assert our_threads(threads) == []
-    runs = mlflow.search_runs(search_all_experiments=True)
+    runs = mlflow.search_runs(search_all_experiments=True, filter_string=f"attributes.run_id != '{own.info.run_id}'")
     assert list(runs["status"]) == [status]  # our own run, ended by id; the caller's stack never had it
-    last = mlflow.last_active_run()  # the caller's own last run (an earlier test's, or None), never ours
-    assert last is None or last.info.run_id != runs["run_id"][0]
+    assert mlflow.last_active_run().info.run_id == own.info.run_id
     assert not (spool.spool_root() / runs["run_id"][0]).exists()  # delivered: the spool folder went
 
 

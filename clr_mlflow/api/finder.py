@@ -47,7 +47,7 @@ def lr_find(
     val_loader: Iterable | None = None,
     eval_every: int = 0,
     metric_fn: Callable[[nn.Module, Iterable], float] | None = None,
-    bounds_rule: str = "loss_edge",
+    bounds_rule: str = "steepest",
     bounds_divisor: float = 4.0,
     seeds: int = 1,
     batched_seeds: bool | None = None,
@@ -105,7 +105,8 @@ def lr_find(
             (None): accuracy and loss of an `(x, y)` loader.
         bounds_rule: The rule whose bounds are selected (`suggest()`'s default): one of
             `min_div10`, `steepest`, `loss_edge`, `accuracy` (needs `eval_every`), `valley`,
-            `slide`. The bounds table holds every rule's answer.
+            `slide`. The bounds table holds every rule's answer. Default `steepest`: the one
+            rule that trained best or close to it in every model family of docs/RESULTS.md.
         bounds_divisor: The loss rules' base_lr is max_lr / `bounds_divisor`; greater
             than 1.
         seeds: K range tests, seed 0 the model as given, seeds 1..K-1 re-initialised
@@ -155,7 +156,7 @@ def lr_find(
         >>> result = lr_find(model, optimizer, loader, end_lr=100, track=False, progress=False)
         >>> result.stop_reason.startswith("diverged")
         True
-        >>> base_lr, max_lr = result.suggest()   # bounds_rule's, here loss_edge's
+        >>> base_lr, max_lr = result.suggest()   # bounds_rule's, here steepest's
         >>> round(max_lr / base_lr, 6)           # bounds_divisor
         4.0
         >>> all(torch.equal(p, q) for p, q in zip(model.parameters(), before))   # put back
@@ -200,11 +201,23 @@ def lr_find(
     need(is_finite(bounds_divisor) and bounds_divisor > 1, "bounds_divisor", "finite value > 1 for", bounds_divisor)
     need(scaler is None or isinstance(scaler, torch.amp.GradScaler), "scaler", "a torch.amp.GradScaler or None as",
          scaler)
+    need(loss_fn is None or callable(loss_fn), "loss_fn", "None or a callable(model, batch) -> loss as", loss_fn)
+    need(amp is None or isinstance(amp, torch.dtype), "amp", "None or a torch.dtype (e.g. torch.bfloat16) as", amp)
+    need(isinstance(track, bool), "track", "True or False as", track)
+    need(isinstance(progress, bool), "progress", "True or False as", progress)
+    try:
+        device = torch.device(device) if isinstance(device, str) else device
+    except RuntimeError:
+        pass  # not a device name: refused below
+    need(device is None or isinstance(device, torch.device), "device", "None, a torch.device or a device name such "
+         "as 'cpu' or 'cuda:0' as", device)
+    need(device is None or device.type != "cuda" or torch.cuda.is_available(), "device", "an available device as",
+         str(device))
+    device = device or model_device(model)
     start_lr, end_lr = float(start_lr), float(end_lr)  # a NumPy scalar or tensor logs as a plain number
     first_lr = optimizer.param_groups[0]["lr"]
     need(is_finite(first_lr) and first_lr > 0, "optimizer.param_groups[0]['lr']",
          "positive (other groups are swept in proportion to it)", first_lr)
-    device = torch.device(device) if device is not None else model_device(model)
     loss_fn = loss_fn or CrossEntropy()
     _check_first_batch(model, optimizer, loader, loss_fn, device, amp, scaler)
     evaluator = metric_eval(metric_fn) if metric_fn is not None else classification_eval(device, amp)

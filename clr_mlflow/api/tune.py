@@ -249,7 +249,11 @@ def tune_bounds(
                    scheduler, use_ray, cpus_per_trial, max_concurrent, eval_every)
     rules = (rules,) if isinstance(rules, str) else tuple(rules)
     need(isinstance(track, bool), "track", "True or False as", track)
-    dev = torch.device(device) if device is not None else None
+    need(isinstance(progress, bool), "progress", "True or False as", progress)
+    try:
+        dev = torch.device(device) if device is not None else None
+    except (RuntimeError, TypeError):
+        need(False, "device", "None, a torch.device or a device name such as 'cpu' or 'cuda:0' as", device)
     setup = Setup(make_model, make_optimizer, loader, val_loader, policy, steps, loss_fn, metric_fn, dev, amp,
                   progress)
     with _callers_state(setup):

@@ -13,7 +13,7 @@ from typing import NoReturn
 import click
 
 from clr_mlflow.app.args import MAX_TRIALS, csv_list, plural, run_id as checked_run_id
-from clr_mlflow.app.config import COMMANDS, Config, ConfigError
+from clr_mlflow.app.config import COMMANDS, Config, ConfigError, check_tracking_uri
 from clr_mlflow.app.signals import stop_on_signals
 from clr_mlflow.core.schedules import POLICIES
 
@@ -121,6 +121,16 @@ def guarded():
             sys.exit(128 + signum)
 
 
+def check_store_uri() -> None:
+    """For the commands that read a store without a Config (compare, reproduce, resume; sync reads the
+    spool's own URI):
+    a MLFLOW_TRACKING_URI no store opens at is one line, before MLflow's traceback."""
+    try:
+        check_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", ""))
+    except ConfigError as e:
+        reject(str(e))
+
+
 def _execute(command: str, kwargs: dict) -> None:
     from clr_mlflow.app.runner import execute
 
@@ -169,6 +179,9 @@ class _OneLineErrors(click.Group):
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         try:
             code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except getattr(click.exceptions, "NoArgsIsHelpError", ()) as e:  # a bare `clr-mlflow`: the help
+            click.echo(e.ctx.get_help())
+            sys.exit(0)
         except click.ClickException as e:
             reject(e.format_message(), e.exit_code)
         except click.Abort:
@@ -213,6 +226,7 @@ def run_cmd(**kwargs) -> None:
               help="log the leaderboard and plots into a comparison run of the experiment")
 def compare_cmd(experiment: str, target_accuracy: float, log_run: bool) -> None:
     """Leaderboard of an experiment's runs: policy, bounds, accuracy, iterations to a target."""
+    check_store_uri()
     import pandas as pd
 
     from clr_mlflow.tracking.history import NoRuns
@@ -243,6 +257,7 @@ def compare_cmd(experiment: str, target_accuracy: float, log_run: bool) -> None:
 def reproduce_cmd(run_id: str, allow_plugins: bool) -> None:
     """Run RUN_ID again with exactly its params; compare key metrics and the full range-test
     and training curves."""
+    check_store_uri()
     import pandas as pd
 
     from clr_mlflow.app.review import reproduce
@@ -268,6 +283,7 @@ def resume_cmd(run_id: str, allow_plugins: bool) -> None:
     """Continue an interrupted training in the same run, from its checkpoint
     (train/checkpoint.pt): the series go on at the next step, and it ends FINISHED. One
     process at a time: a second resume of the run is refused while the first holds its lease."""
+    check_store_uri()
     from clr_mlflow.app.resume import resume
 
     with guarded():
@@ -294,7 +310,7 @@ def sync_cmd(path: str) -> None:
 @main.command("sweep")
 @click.option("--policies", default=",".join(POLICIES), show_default=True,
               help="policies to train, comma-separated")
-@click.option("--bounds-rules", default="loss_edge", show_default=True, help="bounds rules to train with, "
+@click.option("--bounds-rules", default="steepest", show_default=True, help="bounds rules to train with, "
               "comma-separated: the range test chooses the first, the others come from its bounds table")
 @click.option("--seeds", "seed_list", default="0", show_default=True,
               help="seeds, comma-separated (a multi-seed range test: --grid seeds=K)")

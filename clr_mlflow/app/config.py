@@ -4,16 +4,19 @@ and `validate` checks values before anything touches a model or the tracking sto
 """
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
 from dataclasses import dataclass, field, fields
 from functools import partial
+from pathlib import Path
 
 from clr_mlflow.data import plugins
 from clr_mlflow.core.checks import need
 from clr_mlflow.core.bounds import RULES
 from clr_mlflow.core.curve import SWEEPS
 from clr_mlflow.data.models import MODELS
-from clr_mlflow.core.schedules import POLICIES
+from clr_mlflow.core.schedules import CLR_MODES, POLICIES
 
 OPTIMIZERS = ("sgd", "adamw")
 DEVICES = ("auto", "cpu", "cuda")
@@ -65,7 +68,7 @@ class Config:
     diverge: float = _p(4.0, "stop the range test once the smoothed loss rises above its best by more than "
                              "(diverge - 1) x the loss's own scale (its drop to the best, or its noise)", (RANGE,))
     eval_every: int = _p(0, "held-out accuracy and loss every this many range-test iterations (0 = off)", (RANGE,))
-    bounds_rule: str = _p("loss_edge", f"rule whose bounds are chosen: {', '.join(RULES)}, or tuned (run/main only: each rule's bounds train tune_steps iterations and the best on validation wins)", (RANGE,))
+    bounds_rule: str = _p("steepest", f"rule whose bounds are chosen: {', '.join(RULES)}, or tuned (run/main only: each rule's bounds train tune_steps iterations and the best on validation wins)", (RANGE,))
     tune_steps: int = _p(100, "bounds_rule=tuned: training iterations per candidate rule, each from the same start, scored by validation accuracy", (RANGE,))
     bounds_divisor: float = _p(4.0, "base_lr = max_lr / bounds_divisor for the loss rules", (RANGE,))
     seeds: int = _p(1, "range tests from this many initialisations and data orders; the bounds table gives each rule's median bounds and their spread", (RANGE,))
@@ -133,8 +136,69 @@ def _numbers(cfg: Config) -> None:
             raise ConfigError(f"Expected {f.name} <= {limit:,.0f}, but got {value!r}")
 
 
+STORE_SCHEMES = ("", "file", "sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks", "databricks-uc",
+                 "uc")  # what MLflow opens as a tracking store ("": a folder)
+DB_DRIVERS = {"postgresql": ("psycopg2", "psycopg2-binary"), "postgresql+psycopg2": ("psycopg2", "psycopg2-binary"),
+              "postgresql+psycopg": ("psycopg", "psycopg[binary]"), "mysql": ("MySQLdb", "mysqlclient"),
+              "mysql+pymysql": ("pymysql", "pymysql"), "mssql": ("pyodbc", "pyodbc")}  # SQLAlchemy's defaults
+
+
+def _version(package: str) -> tuple[int, ...]:
+    import importlib.metadata
+
+    try:
+        return tuple(int(p) for p in importlib.metadata.version(package).split(".")[:2])
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        return (0,)
+
+
+def check_tracking_uri(uri: str, name: str = "MLFLOW_TRACKING_URI") -> None:
+    """A tracking URI MLflow can open, checked before anything reads or writes the store: a
+    scheme it knows, and a sqlite:/// file whose folder exists or can be made (MLflow's and
+    the file system's errors are tracebacks naming neither the variable nor what it wants)."""
+    scheme = uri.split("://", 1)[0].split("+", 1)[0] if "://" in uri else ""
+    _need(scheme in STORE_SCHEMES, name, "sqlite:///PATH, http(s)://HOST:PORT or a database URI "
+          "(postgresql, mysql, mssql) as", uri)
+    # MLflow 3 refuses its file store unless told otherwise (a traceback about "maintenance mode").
+    allowed = os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() in ("1", "true")
+    _need(not uri or scheme not in ("", "file") or allowed, name, "a database store such as sqlite:///mlflow.db "
+          "(MLflow's file store is in maintenance mode; MLFLOW_ALLOW_FILE_STORE=true opts in) as", uri)
+    driver = DB_DRIVERS.get(uri.split("://", 1)[0])
+    if uri.startswith("postgresql://") and _version("sqlalchemy") >= (2, 1):
+        driver = DB_DRIVERS["postgresql+psycopg"]  # SQLAlchemy 2.1 made psycopg 3 its default
+    _need(driver is None or importlib.util.find_spec(driver[0]) is not None, name,
+          f"a database URI whose driver is installed (pip install {driver and driver[1]}) as", uri)
+    if scheme != "sqlite":
+        return
+    _need(uri.startswith("sqlite:///") and len(uri) > len("sqlite:///"), name,
+          "sqlite:///PATH (three slashes, then the path: sqlite:////abs/mlflow.db) as", uri)
+    path = Path(uri.removeprefix("sqlite:///"))
+    _need(not path.is_dir(), name, "a SQLite file, not a folder, as", uri)
+    folder = path.parent
+    while not folder.exists():  # the folder is made when missing: its nearest existing one must allow that
+        folder = folder.parent
+    why = "not writable" if folder.is_dir() else "a file"
+    _need(folder.is_dir() and os.access(folder, os.W_OK | os.X_OK), name,
+          f"a SQLite file whose folder exists or can be made ({folder} is {why}) as", uri)
+
+
+def flush_seconds() -> float:
+    """How often a training sends what it buffered, in seconds: CLR_MLFLOW_FLUSH_SECONDS
+    (default 5). It bounds what a SIGKILL can lose and how soon an outage is noticed."""
+    raw = os.environ.get("CLR_MLFLOW_FLUSH_SECONDS", "5")
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    _need(math.isfinite(value) and 0 < value <= 3600, "CLR_MLFLOW_FLUSH_SECONDS", "seconds in (0, 3600] as", raw)
+    return value
+
+
 def validate(cfg: Config, phases: tuple[str, ...], require_bounds: bool = False) -> None:
-    """Raise ConfigError naming the first bad parameter of a command running `phases`."""
+    """Raise ConfigError naming the first bad parameter of a command running `phases`, or
+    a MLFLOW_TRACKING_URI that no store can be opened at."""
+    check_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", ""))
+    flush_seconds()
     _numbers(cfg)
     _need(cfg.experiment.strip() != "", "experiment", "a non-empty name for", cfg.experiment)
     if plugins.is_plugin(cfg.model):
@@ -193,6 +257,11 @@ def validate(cfg: Config, phases: tuple[str, ...], require_bounds: bool = False)
         _need(cfg.cycles >= 0, "cycles", "non-negative integer", cfg.cycles)
         _need(cfg.epochs >= 0, "epochs", "non-negative integer", cfg.epochs)
         _need(cfg.iterations >= 0, "iterations", "non-negative integer", cfg.iterations)
+        if cfg.policy in CLR_MODES and cfg.iterations and cfg.step_size:
+            _need(cfg.step_size <= cfg.iterations, "step_size", f"value <= iterations={cfg.iterations} (policy="
+                  f"{cfg.policy} reaches max_lr after step_size iterations) for", cfg.step_size)
+        _need(cfg.policy != "one_cycle" or cfg.iterations != 1, "iterations", "0 or an integer >= 2 "
+              "(policy=one_cycle) for", cfg.iterations)
         _need(cfg.checkpoint_every >= -1, "checkpoint_every", "-1 (every epoch), 0 (never) or a positive integer for",
               cfg.checkpoint_every)
         if cfg.cycles == 0 and cfg.epochs == 0 and cfg.iterations == 0:

@@ -149,7 +149,8 @@ def _parse(name: str, value: str, kind: type, shell_quoted: bool):
             return int(number)
         return kind(text)
     except ValueError:
-        raise ConfigError(f"Expected param {name} to be a {kind.__name__}, but got {text!r}") from None
+        words = {int: "an integer", float: "a number", bool: "true or false", str: "text"}
+        raise ConfigError(f"Expected param {name} to be {words.get(kind, kind.__name__)}, but got {text!r}") from None
 
 
 def config_values(params: dict[str, str], shell_quoted: bool = False) -> dict:

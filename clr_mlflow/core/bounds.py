@@ -24,7 +24,8 @@ SLIDE_DIFF = 15       # fastai's slide window (lr_diff), in points
 # the loss's units and to a constant added to it, as the slopes are.
 SLIDE_THRESH = 0.0625
 # The selected max_lr more than this many times valley's (fastai's default, the lowest rule on
-# every curve of docs/RESULTS.md): the rules disagree about where the useful range ends.
+# all but one family's curve in docs/RESULTS.md): the rules disagree about where the useful
+# range ends.
 DISAGREE = 30.0
 DISAGREE_MARK = "disagrees with valley:"  # how the table's note of it begins
 

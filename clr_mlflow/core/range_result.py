@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from clr_mlflow.core.bounds import bounds_frame, suggest_bounds
+from clr_mlflow.core.bounds import RULES, bounds_frame, suggest_bounds
+from clr_mlflow.core.checks import is_finite, need
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,7 @@ class RangeTestResult:
             >>> len(result.lrs) == len(result.losses) == len(result.smoothed) <= result.planned_iters
             True
             >>> result.bounds_rule, result.run_id
-            ('loss_edge', None)
+            ('steepest', None)
             >>> list(result.bounds["rule"])
             ['min_div10', 'steepest', 'loss_edge', 'accuracy', 'valley', 'slide']
     """
@@ -174,8 +175,10 @@ class RangeTestResult:
             >>> round(max_lr / base_lr, 6)
             10.0
             >>> result.bounds_rule
-            'loss_edge'
+            'steepest'
         """
+        need(rule in RULES, "rule", f"one of {', '.join(RULES)} for", rule)
+        need(is_finite(divisor) and divisor > 1, "divisor", "finite value > 1 for", divisor)
         suggestions = suggest_bounds(self.lrs, self.smoothed, self.eval_lrs, self.accuracies, divisor)
         return dataclasses.replace(self, bounds=bounds_frame(suggestions, rule), bounds_rule=rule)
 
@@ -295,6 +298,7 @@ class RangeTestResult:
         """
         from clr_mlflow.core.plots import range_test_figure  # matplotlib loads when a figure is drawn
 
+        need(ax is None or hasattr(ax, "get_figure"), "ax", "None or a matplotlib Axes as", type(ax).__name__)
         bounds = self.bounds if self.bounds is not None else pd.DataFrame(
             columns=["rule", "base_lr", "max_lr", "selected", "note"])
         return range_test_figure(self.to_frame(), bounds, log_x=self.sweep == "exp", band=self.band(),

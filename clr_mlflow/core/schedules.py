@@ -356,6 +356,7 @@ def clr_scheduler(
         >>> lrs   # the second cycle's amplitude is half the first's
         [0.001, 0.0035, 0.006, 0.0035, 0.001, 0.00225, 0.0035, 0.00225, 0.001]
     """
+    need(isinstance(optimizer, Optimizer), "optimizer", "a torch.optim.Optimizer as", type(optimizer).__name__)
     need(policy in POLICIES, "policy", f"one of {', '.join(POLICIES)} for", policy)
     need(is_finite(base_lr) and base_lr > 0, "base_lr", "positive finite", base_lr)
     need(is_finite(max_lr) and max_lr >= base_lr, "max_lr", f"finite value >= base_lr={base_lr} for", max_lr)
@@ -368,6 +369,7 @@ def clr_scheduler(
     need(is_finite(gamma) and 0 < gamma <= 1, "gamma", "value in (0, 1] for", gamma)
     need(is_finite(anneal_frac) and 0 <= anneal_frac < 1, "anneal_frac", "value in [0, 1) for", anneal_frac)
     need(is_finite(anneal_div) and anneal_div >= 1, "anneal_div", "finite value >= 1 for", anneal_div)
+    need(isinstance(cycle_momentum, bool), "cycle_momentum", "True or False as", cycle_momentum)
     if cycle_momentum:
         need(is_finite(base_momentum) and is_finite(max_momentum) and 0 <= base_momentum < max_momentum < 1,
              "base_momentum/max_momentum", "0 <= base < max < 1 for", (base_momentum, max_momentum))

@@ -6,6 +6,7 @@ import itertools
 import logging
 import numbers
 import queue
+import re
 import threading
 import time
 
@@ -17,10 +18,11 @@ from mlflow.entities import Metric
 
 from clr_mlflow.tracking import delivery
 from clr_mlflow.tracking import spool
-from clr_mlflow.core.checks import is_int, need
+from clr_mlflow.core.checks import is_finite, is_int, need
 
 log = logging.getLogger(__name__)
 
+RUN_ID = re.compile(r"[0-9a-f]{32}")  # what MLflow makes: uuid4().hex
 RETRY_FIRST, RETRY_CAP = 0.5, 5.0  # the writer's backoff between tries of one chunk (seconds)
 
 
@@ -73,8 +75,9 @@ class IterationLogger:
         close_timeout: Seconds `close` (and leaving the `with` block) waits for the store.
 
     Raises:
-        ValueError: No `run_id` and no active MLflow run, or a `log_every` that is not a
-            positive integer.
+        ValueError: No `run_id` and no active MLflow run, or an argument out of range (a
+            `run_id` that is not 32 lowercase hex characters, a `log_every` that is not a
+            positive integer...): one line naming it, before anything is opened.
 
     Examples:
         >>> import tempfile
@@ -108,7 +111,16 @@ class IterationLogger:
                                  "e.g. IterationLogger(run_id=trainer.logger.run_id) under Lightning's MLFlowLogger, "
                                  "or log inside `with mlflow.start_run():`")
             run_id = active.info.run_id
+        need(isinstance(run_id, str) and RUN_ID.fullmatch(run_id) is not None, "run_id",
+             "None or a run id of 32 lowercase hex characters as", run_id)
+        need(isinstance(prefix, str), "prefix", "a string as", prefix)
         need(is_int(log_every, 1), "log_every", "positive integer", log_every)
+        need(is_int(flush_every, 1), "flush_every", "positive integer", flush_every)
+        need(is_finite(flush_seconds) and flush_seconds >= 0, "flush_seconds", "non-negative finite", flush_seconds)
+        need(is_int(sync_every, 1), "sync_every", "positive integer", sync_every)
+        need(is_finite(close_timeout) and close_timeout >= 0, "close_timeout", "non-negative finite", close_timeout)
+        need(client is None or isinstance(client, MlflowClient), "client", "None or an MlflowClient as",
+             type(client).__name__)
         self.run_id, self.prefix, self.log_every = run_id, prefix, log_every
         self.flush_every, self.flush_seconds, self.sync_every = flush_every, flush_seconds, sync_every
         self.client, self.close_timeout = client or MlflowClient(), close_timeout
@@ -168,6 +180,8 @@ class IterationLogger:
             ...
             ValueError: Expected a number or a one-element tensor ..., but got a tensor of shape (3,)
         """
+        if not isinstance(step, numbers.Integral) or isinstance(step, bool):
+            raise ValueError(f"Expected an integer step for IterationLogger.log(step, ...), but got {step!r}"[:160])
         if step % self.log_every:
             return
         for key, value in values.items():
