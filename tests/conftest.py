@@ -12,15 +12,24 @@ REPO = Path(__file__).resolve().parents[1]
 CIFAR = Path(os.environ.get("CLR_MLFLOW_CIFAR", REPO.parent / "shared" / "data" / "cifar10"))
 
 
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))  # what this process may use (a container's share)
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def _threads_per_process() -> int:
     """The cores this machine gives us, shared among pytest-xdist's workers: two workers
     of two OpenMP threads each on two cores spin against each other (a test then runs
     several times slower)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    return max(1, cores // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1))
+    return max(1, _cores() // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1))
+
+
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto`: one worker more than cores. A worker often waits on another process (a
+    server restarting, a child training to its checkpoint); the spare keeps both cores busy."""
+    return min(4, _cores() + 1)
 
 
 def pytest_configure(config):

@@ -10,10 +10,15 @@ same port with the same stores (tests/test_outages.py). Both are context manager
 their process and remove their directory on exit. `LookupBarrier` is a real HTTP proxy (a
 thread of the test process) in front of one that holds the first experiment lookups until
 all have arrived.
-The pytest fixtures `pg_server` and `mlflow_server` (session-scoped) wrap them.
+The pytest fixtures `pg_server` and `mlflow_server` (session-scoped) wrap them;
+`shared_sqlite_server()` is one `mlflow server` on a SQLite file for the whole test process
+(test_outages.py and test_full_disk.py share it, each test in experiments of its own).
+`cli_in_process` runs a `clr-mlflow` command in this process (click's CliRunner), for the
+commands whose own process is not what a test is about.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import http.client
 import os
@@ -112,7 +117,7 @@ class PostgresServer(_TempService):
     is thrown away anyway. durable=True keeps PostgreSQL's defaults (for benchmarks)."""
 
     def __init__(self, database: str = "mlflow", durable: bool = False, bin_dir: Path | None = None,
-                 start_timeout: float = 60.0):
+                 start_timeout: float = 300.0):
         self.bin = bin_dir or pg_bin_dir()
         if self.bin is None:
             raise FileNotFoundError("PostgreSQL binaries (initdb, pg_ctl, postgres) not found")
@@ -189,7 +194,7 @@ class MlflowServer(_TempService):
     """`mlflow server` on a backend store URI, proxying artifacts into a temporary folder:
     `with MlflowServer(pg.uri) as server: server.uri` (http://127.0.0.1:PORT)."""
 
-    def __init__(self, backend_uri: str, workers: int = 2, start_timeout: float = 180.0):
+    def __init__(self, backend_uri: str, workers: int = 2, start_timeout: float = 600.0):
         self.backend_uri = backend_uri
         self.workers = workers
         self.start_timeout = start_timeout
@@ -207,7 +212,7 @@ class MlflowServer(_TempService):
 
     def _healthy(self) -> bool:
         try:
-            with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as r:
+            with urllib.request.urlopen(f"{self.uri}/health", timeout=10) as r:
                 return r.status == 200
         except (urllib.error.URLError, OSError):
             return False
@@ -225,6 +230,10 @@ class MlflowServer(_TempService):
         """Start the server on `self.port`: True once it answers /health, False when the
         port was taken; raises when it fails otherwise."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+        # No job runner: MLflow 3's server otherwise starts a job runner and eight huey
+        # consumers (each a Python importing MLflow: tens of seconds of CPU a start or restart
+        # on two cores) for jobs (GenAI scorers, trace rollups) that no test here uses.
+        env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
         mlflow_cli = Path(sys.executable).with_name("mlflow")
         cmd = [str(mlflow_cli) if mlflow_cli.exists() else "mlflow", "server",
                "--backend-store-uri", self.backend_uri,
@@ -282,6 +291,26 @@ class MlflowServer(_TempService):
         self._kill()
 
 
+def relay(handler: BaseHTTPRequestHandler, upstream: urllib.parse.SplitResult, body: bytes) -> None:
+    """Send the request `handler` is serving (its body already read) on to `upstream` and
+    write the answer back: the forwarding half of the test proxies in front of a server."""
+    conn = http.client.HTTPConnection(upstream.hostname, upstream.port, timeout=60)
+    try:
+        headers = {k: v for k, v in handler.headers.items() if k.lower() not in ("host", "connection")}
+        conn.request(handler.command, handler.path, body=body or None, headers=headers)
+        answer = conn.getresponse()
+        data = answer.read()
+    finally:
+        conn.close()
+    handler.send_response(answer.status)
+    for k, v in answer.getheaders():
+        if k.lower() not in ("connection", "content-length", "transfer-encoding"):
+            handler.send_header(k, v)
+    handler.send_header("Content-Length", str(len(data)))
+    handler.end_headers()
+    handler.wfile.write(data)
+
+
 class LookupBarrier:
     """An HTTP proxy (127.0.0.1) in front of a tracking server that holds the first `parties`
     experiment lookups by name until all of them have arrived, then lets them through
@@ -305,21 +334,7 @@ class LookupBarrier:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 if self.path.startswith(proxy.LOOKUP) and proxy._first_lookup():
                     proxy.barrier.wait()
-                upstream = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port, timeout=60)
-                try:
-                    headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
-                    upstream.request(self.command, self.path, body=body or None, headers=headers)
-                    answer = upstream.getresponse()
-                    data = answer.read()
-                finally:
-                    upstream.close()
-                self.send_response(answer.status)
-                for k, v in answer.getheaders():
-                    if k.lower() not in ("connection", "content-length", "transfer-encoding"):
-                        self.send_header(k, v)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                relay(self, proxy.upstream, body)
 
             do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = forward
 
@@ -358,3 +373,62 @@ def mlflow_server(pg_server):
     """A real `mlflow server` on the PostgreSQL database, serving artifacts; yields its http URI."""
     with MlflowServer(pg_server) as server:
         yield server.uri
+
+
+_SHARED: dict[str, MlflowServer] = {}
+
+
+def shared_sqlite_server(config: pytest.Config) -> MlflowServer:
+    """One real `mlflow server` on its own SQLite file, serving artifacts, started once per
+    test process (an xdist worker) and stopped at the end of its pytest session (`config`'s
+    cleanup; at exit too, should that not run): starting one costs seconds of CPU (minutes on
+    a busy machine). A test may crash it; it is up again when this returns (`up_again`).
+    Tests keep to experiments of their own."""
+    if "sqlite" not in _SHARED:
+        folder = Path(tempfile.mkdtemp(prefix="clr_mlflow_sqlite_server_"))
+        server = MlflowServer(f"sqlite:///{folder / 'server.db'}", workers=1)
+
+        def stop() -> None:  # twice is harmless: stop() forgets what it stopped
+            server.stop()
+            shutil.rmtree(folder, ignore_errors=True)
+
+        atexit.register(stop)
+        config.add_cleanup(stop)
+        server.__enter__()
+        _SHARED["sqlite"] = server
+    return up_again(_SHARED["sqlite"])
+
+
+def up_again(server: MlflowServer) -> MlflowServer:
+    """`server`, restarted (same port and stores) when a test crashed it and left it down."""
+    if server.proc is None:
+        server.restart()
+    return server
+
+
+def cli_in_process(args, env: dict[str, str]):
+    """`clr-mlflow ARGS` run in this process by click's CliRunner with `env` set (its
+    MLFLOW_TRACKING_URI, when given, also made MLflow's tracking URI for the call): a
+    `click.testing.Result` (exit_code: the command's sys.exit code; stdout, stderr). For
+    commands whose own process is not the point (sync after the fact, compare, reproduce):
+    a `clr-mlflow` subprocess costs seconds of imports. This process's environment, MLflow
+    tracking URI and active experiment are as before afterwards."""
+    import mlflow
+    from click.testing import CliRunner
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    from clr_mlflow.app.cli import main
+
+    saved_env, saved_uri = dict(os.environ), tracking_utils._tracking_uri
+    saved_experiment = mlflow.tracking.fluent._active_experiment_id
+    try:
+        if env.get("MLFLOW_TRACKING_URI"):
+            mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+        return CliRunner().invoke(main, [str(a) for a in args], env=env, catch_exceptions=False)
+    finally:
+        while mlflow.active_run():
+            mlflow.end_run()
+        os.environ.clear()
+        os.environ.update(saved_env)
+        mlflow.set_tracking_uri(saved_uri)
+        mlflow.tracking.fluent._active_experiment_id = saved_experiment

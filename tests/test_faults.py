@@ -1,6 +1,7 @@
 """Faults as they happen to a user's process: real signals to a real `clr-mlflow` subprocess,
 a rejected input inside `mlflow run`, runs started together; read back from a real store."""
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from mlflow import MlflowClient
 from clr_mlflow.app.cli import main
 from clr_mlflow.core import checkpoint
 from clr_mlflow.tracking import spool
+from tests.conftest import empty_store_file
 
 REPO = Path(__file__).resolve().parents[1]
 CLR_MLFLOW = str(Path(sys.executable).parent / "clr-mlflow")
@@ -75,27 +77,45 @@ def wait_for_training(proc, experiment, timeout=300):
 
 
 # 360 training images in batches of 32: 11 iterations an epoch, a checkpoint at each epoch's end;
-# 300 iterations are 27 epochs and 7.5 triangular2 cycles, so the signal (at the first
-# checkpoint) falls early in training and resume continues through cycles and epochs.
+# 300 iterations are 27 epochs and 7.5 triangular2 cycles (the SIGKILL test's checkpoint comes at 50).
 ITERATIONS = 300
+# The signal tests: 160 iterations are 15 epochs and 4 triangular2 cycles, so the signal (at the
+# first checkpoint, iteration 11) falls early in training and resume continues through cycles and epochs.
+SIGNALLED = 160
 RESUMABLE = ["run", "--limit-train", "400", "--limit-test", "64", "--batch-size", "32", "--num-iters", "60",
              "--lr-start", "1e-4", "--bounds-rule", "loss_edge", "--policy", "triangular2", "--step-size", "20",
-             "--iterations", str(ITERATIONS), "--device", "cpu", "--system-metrics", "false"]
+             "--iterations", str(SIGNALLED), "--device", "cpu", "--system-metrics", "false"]
 
 
-def history(run_id, key):
-    return [(m.step, m.value) for m in sorted(MlflowClient().get_metric_history(run_id, key), key=lambda m: m.step)]
+def history(run_id, key, client=None):
+    client = client or MlflowClient()
+    return [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
 
 
-@pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+@pytest.fixture(scope="module")
+def never_stopped(tmp_path_factory, cifar, data_dir):
+    """The same run as the signal test's, never stopped, in a store of its own (module scope:
+    one more signal's case reuses it)."""
+    folder = tmp_path_factory.mktemp("whole")
+    shutil.copyfile(empty_store_file(), folder / "mlflow.db")
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    env = dict(os.environ, MLFLOW_TRACKING_URI=uri, OMP_NUM_THREADS="1")
+    env.pop("MLFLOW_RUN_ID", None)
+    res = subprocess.run([CLR_MLFLOW, *RESUMABLE, "--data", str(cifar), "--data-dir", str(data_dir), "--experiment",
+                          "whole"], env=env, cwd=folder, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-2000:]
+    client = MlflowClient(uri)
+    run_id = client.search_runs([client.get_experiment_by_name("whole").experiment_id])[0].info.run_id
+    return client, run_id, uri
+
+
+# SIGTERM here (what `kill`, Kubernetes and torchrun send); Ctrl-C's path to the same KILLED run,
+# checkpoint and "continue it with" line is test_a_signal_repeated_at_once_... (exit 130).
+@pytest.mark.parametrize("signum,code", [(signal.SIGTERM, 143)])
 def test_a_signal_mid_training_ends_the_run_killed_and_resume_ends_it_as_if_never_stopped(store_env, cifar, data_dir,
-                                                                                         tmp_path, signum, code):
+                                                                                         never_stopped, signum, code):
     args = [*RESUMABLE, "--data", str(cifar), "--data-dir", str(data_dir)]
-    # One torch thread each: two processes of two threads on two cores crawl (OpenMP spins).
-    env = dict(store_env, OMP_NUM_THREADS="1")
-    # The reference's output goes to a file: a pipe nobody reads while it trains would stall it.
-    with open(tmp_path / "reference.log", "w") as log:
-        reference = subprocess.Popen([CLR_MLFLOW, *args, "--experiment", "whole"], env=env, stdout=log, stderr=log)
+    env = dict(store_env, OMP_NUM_THREADS="1")  # one torch thread: OpenMP spinning on a shared core crawls
     proc = subprocess.Popen([CLR_MLFLOW, *args, "--experiment", "cut"], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     run_id = wait_for_training(proc, "cut")
@@ -109,25 +129,28 @@ def test_a_signal_mid_training_ends_the_run_killed_and_resume_ends_it_as_if_neve
     n = run.data.metrics["range_test/iterations"]
     assert steps_of(run_id, "range_test/lr") == list(range(int(n)))  # the finished range test, whole
     trained = steps_of(run_id, "train/lr")
-    assert 0 < len(trained) < ITERATIONS and trained == list(range(len(trained)))  # every iteration done, no gap
+    assert 0 < len(trained) < SIGNALLED and trained == list(range(len(trained)))  # every iteration done, no gap
     assert steps_of(run_id, "train/loss") == trained
     assert [a.path for a in MlflowClient().list_artifacts(run_id, "train")] == ["train/checkpoint.pt"]
 
     res = subprocess.run([CLR_MLFLOW, "resume", run_id], capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.strip().splitlines()[-1].startswith(f"run {run_id} |")
-    assert reference.wait(timeout=600) == 0, (tmp_path / "reference.log").read_text()[-2000:]
-    whole = mlflow.search_runs(experiment_names=["whole"])["run_id"][0]
+    reference, whole, reference_uri = never_stopped
     resumed = MlflowClient().get_run(run_id)
     assert resumed.info.status == "FINISHED"
-    assert steps_of(run_id, "train/lr") == list(range(ITERATIONS))  # each step once
+    assert steps_of(run_id, "train/lr") == list(range(SIGNALLED))  # each step once
     for key in ("train/lr", "train/loss", "train/smoothed_loss", "val/accuracy", "val/loss", "train/epoch_accuracy"):
-        assert history(run_id, key) == history(whole, key), key  # bit for bit on the CPU
-    finals = MlflowClient().get_run(whole).data.metrics
+        assert history(run_id, key) == history(whole, key, reference), key  # bit for bit on the CPU
+    finals = reference.get_run(whole).data.metrics
     for key in ("test/accuracy", "test/loss", "val/best_accuracy", "train/loss"):
         assert resumed.data.metrics[key] == finals[key], key
     a = mlflow.pytorch.load_model(f"runs:/{run_id}/model").state_dict()
-    b = mlflow.pytorch.load_model(f"runs:/{whole}/model").state_dict()
+    mlflow.set_tracking_uri(reference_uri)  # the model is a logged model of the run's store
+    try:
+        b = mlflow.pytorch.load_model(f"runs:/{whole}/model").state_dict()
+    finally:
+        mlflow.set_tracking_uri(store_env["MLFLOW_TRACKING_URI"])
     assert all(torch.equal(a[k], b[k]) for k in b)
 
 
@@ -209,13 +232,13 @@ def test_resume_refuses_a_finished_run_and_a_run_without_checkpoint_in_one_line(
 
 def test_unnamed_runs_with_the_same_seed_get_different_names_and_training_records_system_metrics(
         store_env, cifar, data_dir):
-    env = dict(store_env, MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="0.2")  # a few samples in a short run
+    # system metrics sampled every 0.2 s below: a few samples in a short run
     args = ["train", "--data", str(cifar), "--data-dir", str(data_dir), "--limit-train", "400", "--limit-test", "64",
             "--batch-size", "32", "--base-lr", "0.01", "--max-lr", "0.1", "--iterations", "60", "--step-size", "10",
             "--device", "cpu", "--experiment", "names", "--save-model", "false"]
-    for _ in range(2):
-        res = subprocess.run([CLR_MLFLOW, *args], capture_output=True, text=True, env=env, timeout=600)
-        assert res.returncode == 0, res.stderr[-2000:]
+    for _ in range(2):  # in-process (CliRunner): what is checked is the runs, not a process
+        res = CliRunner().invoke(main, args, env={"MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "0.2"})
+        assert res.exit_code == 0, res.output[-2000:]
     runs = mlflow.search_runs(experiment_names=["names"])
     assert len(runs) == 2 and runs["tags.mlflow.runName"].nunique() == 2
     system = [k for k in MlflowClient().get_run(runs["run_id"][0]).data.metrics if k.startswith("system/")]
@@ -223,7 +246,7 @@ def test_unnamed_runs_with_the_same_seed_get_different_names_and_training_record
     assert np.all(runs["status"] == "FINISHED")
 
 
-def test_six_processes_on_a_fresh_sqlite_file_all_finish(tmp_path, cifar, data_dir):
+def test_three_processes_on_a_fresh_sqlite_file_all_finish(tmp_path, cifar, data_dir):
     uri = f"sqlite:///{tmp_path / 'fresh.db'}"  # no schema yet: every process finds it missing
     env = dict(os.environ, MLFLOW_TRACKING_URI=uri, OMP_NUM_THREADS="1")
     env.pop("MLFLOW_RUN_ID", None)
@@ -231,12 +254,12 @@ def test_six_processes_on_a_fresh_sqlite_file_all_finish(tmp_path, cifar, data_d
             "--batch-size", "32", "--base-lr", "0.01", "--max-lr", "0.1", "--iterations", "4", "--step-size", "2",
             "--device", "cpu", "--experiment", "together", "--save-model", "false", "--system-metrics", "false"]
     procs = [subprocess.Popen([CLR_MLFLOW, *args, "--seed", str(k)], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for k in range(6)]
+                              stderr=subprocess.PIPE, text=True) for k in range(3)]
     results = [(p.wait(timeout=600), p.stderr.read()) for p in procs]
-    assert [code for code, _ in results] == [0] * 6, [err[-1500:] for code, err in results if code]
+    assert [code for code, _ in results] == [0] * 3, [err[-1500:] for code, err in results if code]
     mlflow.set_tracking_uri(uri)
     runs = mlflow.search_runs(experiment_names=["together"])
-    assert len(runs) == 6 and set(runs["status"]) == {"FINISHED"}
+    assert len(runs) == 3 and set(runs["status"]) == {"FINISHED"}
 
 
 # One case of each command through a real `clr-mlflow` process; the others through click's

@@ -4,6 +4,7 @@ not fit, sweeps that cannot run, a store that is not there, a rejected input ins
 every wait is for an event in the store or a process."""
 import multiprocessing
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from mlflow import MlflowClient
 
 from clr_mlflow.core import checkpoint
 from clr_mlflow.tracking import lease
+from tests.conftest import empty_store_file
 from tests.servers import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,6 +33,17 @@ def clean_env(uri: str, **extra) -> dict:
 
 def clr(*args, env, cwd=None, timeout=300, program=(CLR_MLFLOW,)):
     return subprocess.run([*program, *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout)
+
+
+def in_process(*args, env) -> subprocess.CompletedProcess:
+    """`clr-mlflow ARGS` through click's CliRunner (no process start: seconds of imports), as
+    a CompletedProcess; for refusals, where a process is not the point."""
+    from click.testing import CliRunner
+
+    from clr_mlflow.app.cli import main
+
+    res = CliRunner().invoke(main, list(args), env=env)
+    return subprocess.CompletedProcess(list(args), res.exit_code, res.stdout, res.stderr)
 
 
 def one_line_error(res, code=2) -> str:
@@ -58,7 +71,7 @@ def test_a_run_id_that_is_a_pattern_is_one_line_and_no_spool_folder_is_touched(s
     env = clean_env(store, CLR_MLFLOW_SPOOL_DIR=str(spool))
     for args, name in ((["resume", "*"], "RUN_ID"), (["resume", "?" * 32], "RUN_ID"),
                        (["reproduce", HEX.upper()], "RUN_ID"), (["train", "--bounds-from", "*", "--data-dir", str(tmp_path)], "bounds_from")):
-        line = one_line_error(clr(*args, env=env))
+        line = one_line_error(in_process(*args, env=env))
         assert line.startswith(f"Error: Expected {name} to be a run id of 32 lowercase hex characters, but got "), line
     assert sorted((p.relative_to(spool), p.stat().st_mtime_ns) for p in spool.rglob("*")) == before
     assert mlflow.search_runs(search_all_experiments=True).empty
@@ -98,6 +111,7 @@ def killed_run(tmp_path_factory, cifar):
     """A training run stopped by SIGTERM after its first checkpoint: (store URI, run id, the
     checkpoint as loaded). Its iterations are many: a resume of it runs until stopped."""
     folder = tmp_path_factory.mktemp("killed")
+    shutil.copyfile(empty_store_file(), folder / "mlflow.db")  # schema made: this process never races the child's
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     env = clean_env(uri, CLR_MLFLOW_SPOOL_DIR=str(folder / "spool"))
     args = ["train", "--data", str(cifar), "--data-dir", str(folder / "data"), "--limit-train", "400",
@@ -181,7 +195,7 @@ def test_a_checkpoint_that_does_not_fit_is_one_line_and_the_run_stays_killed(kil
             bad = copy.deepcopy(state)
             change(bad)
             upload(run_id, bad, folder)
-            line = one_line_error(clr("resume", run_id, env=clean_env(uri), cwd=folder))
+            line = one_line_error(in_process("resume", run_id, env={"MLFLOW_TRACKING_URI": uri}))
             assert line.startswith(f"Error: Expected run {run_id}'s train/checkpoint.pt's ") and needle in line, line
             run = client.get_run(run_id)
             assert run.info.status == "KILLED" and len(client.get_metric_history(run_id, "train/lr")) == steps
@@ -290,11 +304,15 @@ def test_every_reading_command_says_the_store_is_unreachable_and_creates_nothing
     missing = tmp_path / "missing"
     uri = f"http://127.0.0.1:{free_port()}" if kind == "closed port" else f"sqlite:///{missing / 'mlflow.db'}"
     needle = "did not answer within 10 s" if kind == "closed port" else "but there is no such file"
-    for args in (["compare", "--experiment", "x"], ["reproduce", HEX], ["resume", HEX]):
-        started = time.monotonic()
-        line = one_line_error(clr(*args, env=clean_env(uri), cwd=tmp_path))
-        assert needle in line and "existing run" not in line, line
-        assert time.monotonic() - started < 120  # seconds, not MLflow's minutes of retries
+    mlflow.set_tracking_uri(uri)  # in this process too: its commands run here (CliRunner)
+    try:
+        for args in (["compare", "--experiment", "x"], ["reproduce", HEX], ["resume", HEX]):
+            started = time.monotonic()
+            line = one_line_error(in_process(*args, env=clean_env(uri)))
+            assert needle in line and "existing run" not in line, line
+            assert time.monotonic() - started < 120  # seconds, not MLflow's minutes of retries
+    finally:
+        mlflow.set_tracking_uri(None)
     assert not missing.exists()  # no folder, no SQLite file made for it
 
 

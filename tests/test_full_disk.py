@@ -12,7 +12,6 @@ import re
 import subprocess
 import sys
 import threading
-import http.client
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from mlflow import MlflowClient
-from servers import LOOPBACK, MlflowServer
+from servers import LOOPBACK, cli_in_process, relay, shared_sqlite_server
 
 from clr_mlflow.core import checkpoint
 from clr_mlflow.tracking import delivery
@@ -102,21 +101,7 @@ class DarkeningProxy:
                         threading.Thread(target=proxy._go_dark, args=(proxy.server,), daemon=True).start()
                     self.close_connection = True
                     return  # no answer: the client sees the connection dropped
-                upstream = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port, timeout=60)
-                try:
-                    headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
-                    upstream.request(self.command, self.path, body=body or None, headers=headers)
-                    answer = upstream.getresponse()
-                    data = answer.read()
-                finally:
-                    upstream.close()
-                self.send_response(answer.status)
-                for k, v in answer.getheaders():
-                    if k.lower() not in ("connection", "content-length", "transfer-encoding"):
-                        self.send_header(k, v)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                relay(self, proxy.upstream, body)
 
             do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = forward
 
@@ -144,13 +129,16 @@ class DarkeningProxy:
 
 
 @pytest.fixture
-def store(tmp_path):
-    with MlflowServer(f"sqlite:///{tmp_path / 'server.db'}", workers=1) as server:
-        proxy = DarkeningProxy(server.uri, trigger=b'"train/lr"')
-        try:
-            yield proxy, MlflowClient(server.uri)
-        finally:
-            proxy.close()
+def store(request):
+    """A proxy of its own in front of the test process's `mlflow server` on SQLite
+    (servers.shared_sqlite_server, shared with test_outages.py: this test's runs are in an
+    experiment of its own); the proxy, not the server, goes dark."""
+    server = shared_sqlite_server(request.config)
+    proxy = DarkeningProxy(server.uri, trigger=b'"train/lr"')
+    try:
+        yield proxy, MlflowClient(server.uri)
+    finally:
+        proxy.close()
 
 
 def test_store_away_and_spool_full_the_training_stops_in_one_line_and_sync_ends_it_failed(store, small_disk,
@@ -158,7 +146,8 @@ def test_store_away_and_spool_full_the_training_stops_in_one_line_and_sync_ends_
     proxy, client = store
     iterations = 3000
     env = dict(os.environ, MLFLOW_TRACKING_URI=proxy.uri, CLR_MLFLOW_SPOOL_DIR=str(small_disk),
-               TMPDIR=str(tmp_path), **delivery.HTTP_RETRY_LIMITS)
+               TMPDIR=str(tmp_path), **delivery.HTTP_RETRY_LIMITS,
+               OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")  # one torch thread: two spin against each other on busy cores
     env.pop("MLFLOW_RUN_ID", None)
     args = ["train", "--data", str(cifar), "--data-dir", str(data_dir), "--limit-train", "400", "--limit-test", "64",
             "--batch-size", "32", "--base-lr", "0.01", "--max-lr", "0.1", "--iterations", str(iterations),
@@ -186,8 +175,8 @@ def test_store_away_and_spool_full_the_training_stops_in_one_line_and_sync_ends_
     lost = re.search(r"kept nowhere: (\d+) metric values of steps (\d+)-(\d+)", line)
 
     proxy.bring_back()  # the store answers again: sync ends the run as it ended
-    done = subprocess.run([CLR_MLFLOW, "sync", str(folder)], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = cli_in_process(["sync", folder], env)  # after the fact: in this process
+    assert done.exit_code == 0, done.stderr[-3000:]
     assert "status FAILED delivered" in done.stdout
     run = client.get_run(run_id)
     assert run.info.status == "FAILED"

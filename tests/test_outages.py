@@ -15,7 +15,7 @@ import mlflow
 import numpy as np
 import pytest
 from mlflow import MlflowClient
-from servers import MlflowServer
+from servers import cli_in_process, shared_sqlite_server, up_again
 
 from clr_mlflow.tracking import delivery
 from clr_mlflow.tracking import spool
@@ -26,17 +26,24 @@ from clr_mlflow.tracking.runs import active_run, log_artifact_file, log_metrics,
 CLR_MLFLOW = str(Path(sys.executable).parent / "clr-mlflow")
 
 
-def train_args(cifar, data_dir, iterations, experiment):
+def train_args(cifar, data_dir, iterations, experiment, checkpoint_every):
     return ["train", "--data", str(cifar), "--data-dir", str(data_dir), "--limit-train", "400", "--limit-test", "64",
             "--batch-size", "32", "--base-lr", "0.01", "--max-lr", "0.1", "--iterations", str(iterations),
             "--step-size", "50", "--device", "cpu", "--experiment", experiment, "--system-metrics", "false",
-            "--checkpoint-every", "500"]  # a few checkpoints: ops during training too, not one an epoch
+            "--checkpoint-every", str(checkpoint_every)]  # a few checkpoints: ops during training too
+
+
+FLUSH_SECONDS = "0.5"  # a training sends its values this often: it finds a store gone within seconds
 
 
 def child_env(uri, spool_root):
     # The bounded HTTP retries the CLI sets (tracking.bounded_http_retries), named here so
-    # the test does not depend on which entry point sets them.
-    env = dict(os.environ, MLFLOW_TRACKING_URI=uri, CLR_MLFLOW_SPOOL_DIR=str(spool_root), **delivery.HTTP_RETRY_LIMITS)
+    # the test does not depend on which entry point sets them. Values are flushed every
+    # FLUSH_SECONDS (not every 5 s): an outage is noticed, and a training's first values
+    # arrive, within seconds, so the trainings can be short. One torch thread: two spin
+    # against each other on two busy cores (a training ran 25x slower than with one).
+    env = dict(os.environ, MLFLOW_TRACKING_URI=uri, CLR_MLFLOW_SPOOL_DIR=str(spool_root), **delivery.HTTP_RETRY_LIMITS,
+               CLR_MLFLOW_FLUSH_SECONDS=FLUSH_SECONDS, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     env.pop("MLFLOW_RUN_ID", None)
     return env
 
@@ -91,26 +98,24 @@ def assert_whole_run(client, run_id, iterations, status="FINISHED"):
     assert "test/accuracy" in run.data.metrics
 
 
-@pytest.fixture(scope="module")
-def shared_server(tmp_path_factory):
-    """One real `mlflow server` on its own SQLite file, serving artifacts, for this module's
-    tests (each in experiments of its own): starting one costs seconds of CPU."""
-    with MlflowServer(f"sqlite:///{tmp_path_factory.mktemp('server') / 'server.db'}", workers=1) as s:
-        yield s
-
-
 @pytest.fixture
-def server(shared_server):
-    """The module's server, which a test may crash and restart; up again for the next test."""
-    yield shared_server
-    if shared_server.proc is None:  # crashed and left down by the test
-        shared_server.restart()
+def server(request):
+    """The test process's `mlflow server` on SQLite (servers.shared_sqlite_server, shared with
+    test_full_disk.py; each test in experiments of its own), which a test may crash and
+    restart; up again for the next test."""
+    shared = shared_sqlite_server(request.config)
+    yield shared
+    up_again(shared)  # crashed and left down by the test
 
 
 def test_a_server_killed_mid_training_and_back_later_loses_no_point(server, tmp_path, cifar, data_dir):
-    iterations = 2000  # ~30 s of training here: it must outlast the writer's first try after the crash (~8 s)
+    # ~15 s of training on a quiet machine here: it must outlast the writer's first try after
+    # the crash (the next flush, FLUSH_SECONDS later, then MLflow's bounded retries: ~4 s,
+    # mostly the retries' backoff, which a slower machine does not stretch), ~300 iterations.
+    iterations = 1000
     client = MlflowClient(server.uri)
-    proc = start(train_args(cifar, data_dir, iterations, "back"), child_env(server.uri, tmp_path / "spool"), tmp_path)
+    proc = start(train_args(cifar, data_dir, iterations, "back", checkpoint_every=250),
+                 child_env(server.uri, tmp_path / "spool"), tmp_path)
     run_id = wait_for_training(proc, client, tmp_path, "back")
     server.crash()
     # The outage lasts until the run's writer has found the store gone (its next flush
@@ -120,7 +125,9 @@ def test_a_server_killed_mid_training_and_back_later_loses_no_point(server, tmp_
                "the writer finds the store away", timeout=300)
     proc.send_signal(signal.SIGSTOP)
     try:
-        assert proc.poll() is None, "training ended during the outage: it needs more iterations on this machine"
+        assert proc.poll() is None, (f"training ({iterations} iterations) ended before its writer found the store "
+                                     "away: it needs more iterations on this machine\n"
+                                     + (tmp_path / "stderr").read_text()[-3000:])
         server.restart()
     finally:
         proc.send_signal(signal.SIGCONT)
@@ -133,17 +140,19 @@ def test_a_server_killed_mid_training_and_back_later_loses_no_point(server, tmp_
 
 def test_a_server_killed_for_good_the_run_ends_locally_and_sync_delivers_everything(server, tmp_path, cifar,
                                                                                     data_dir):
-    iterations = 800
+    # The crash comes once the first values are stored (FLUSH_SECONDS into training, ~50
+    # iterations here): the training, its test and its end go on long after it.
+    iterations = 400
     client = MlflowClient(server.uri)
-    proc = start(train_args(cifar, data_dir, iterations, "for_good"), child_env(server.uri, tmp_path / "spool"),
-                 tmp_path)
+    proc = start(train_args(cifar, data_dir, iterations, "for_good", checkpoint_every=100),
+                 child_env(server.uri, tmp_path / "spool"), tmp_path)
     run_id = wait_for_training(proc, client, tmp_path, "for_good")
     server.crash()
     code = proc.wait(timeout=600)
     ended = time.time()
     err = (tmp_path / "stderr").read_text()
     found = re.search(r"`clr-mlflow sync (\S+)`", err)
-    assert found, err[-3000:]
+    assert found, ("nothing was left to sync: did the training end before the crash?\n" + err[-3000:])
     folder = Path(found.group(1))
     assert folder == tmp_path / "spool" / run_id
     last_chunk = max(int(ts.max()) for e in spool.read_journal(folder) if e["op"] == "metrics"
@@ -151,13 +160,12 @@ def test_a_server_killed_for_good_the_run_ends_locally_and_sync_delivers_everyth
     assert ended - last_chunk / 1000 < 60  # ended within seconds of its last iteration, not minutes
     assert journal_steps(folder, "train/lr")[-1] == iterations - 1
 
-    res = subprocess.run([CLR_MLFLOW, "sync", str(folder)], capture_output=True, text=True, timeout=300,
-                         env=child_env(server.uri, tmp_path / "spool"))
-    assert res.returncode == 1 and "Error: Expected a tracking server" in res.stderr  # still down: refused
+    # `clr-mlflow sync` after the fact: in this process (its own process is not the point)
+    res = cli_in_process(["sync", folder], child_env(server.uri, tmp_path / "spool"))
+    assert res.exit_code == 1 and "Error: Expected a tracking server" in res.stderr  # still down: refused
     server.restart()
-    res = subprocess.run([CLR_MLFLOW, "sync", str(folder)], capture_output=True, text=True, timeout=300,
-                         env=child_env(server.uri, tmp_path / "spool"))
-    assert res.returncode == 0, res.stderr[-3000:]
+    res = cli_in_process(["sync", folder], child_env(server.uri, tmp_path / "spool"))
+    assert res.exit_code == 0, res.stderr[-3000:]
     assert f"run {run_id}: " in res.stdout and "status FINISHED delivered" in res.stdout
     assert_whole_run(client, run_id, iterations)
     assert not folder.exists()
@@ -170,7 +178,8 @@ def test_sigkill_mid_training_keeps_all_but_the_last_seconds_and_sync_ends_the_r
     client, root = MlflowClient(), tmp_path / "spool"
     monkeypatch.setenv("CLR_MLFLOW_SPOOL_DIR", str(root))
     client.search_experiments()  # the schema exists before the child opens the file
-    proc = start(train_args(cifar, data_dir, 3000, "killed"), child_env(tracking, root), tmp_path)
+    # 3000 iterations: far more than run before the kill (it comes once 200 are stored)
+    proc = start(train_args(cifar, data_dir, 3000, "killed", checkpoint_every=500), child_env(tracking, root), tmp_path)
     run_id = wait_for_training(proc, client, tmp_path, "killed", min_steps=200)
     proc.send_signal(signal.SIGKILL)  # mid-training: values since the last flush exist in no store
     proc.wait(timeout=60)
@@ -180,14 +189,14 @@ def test_sigkill_mid_training_keeps_all_but_the_last_seconds_and_sync_ends_the_r
     assert spooled == list(range(len(spooled))) and set(stored) <= set(spooled)  # in order, from 0, a superset
     assert client.get_run(run_id).info.status == "RUNNING"
 
-    env = child_env(tracking, root)
-    res = subprocess.run([CLR_MLFLOW, "sync", str(folder)], capture_output=True, text=True, timeout=300, env=env)
-    assert res.returncode == 0, res.stderr[-3000:]
+    env = child_env(tracking, root)  # `clr-mlflow sync` after the fact: in this process
+    res = cli_in_process(["sync", folder], env)
+    assert res.exit_code == 0, res.stderr[-3000:]
     assert res.stdout.startswith(f"run {run_id}: ") and "status KILLED delivered" in res.stdout
     assert steps_of(client, run_id, "train/lr") == spooled and steps_of(client, run_id, "train/loss") == spooled
     assert client.get_run(run_id).info.status == "KILLED" and not folder.exists()
-    again = subprocess.run([CLR_MLFLOW, "sync", str(folder)], capture_output=True, text=True, timeout=300, env=env)
-    assert again.returncode != 0 and again.stdout == ""  # nothing left to send: refused, nothing sent
+    again = cli_in_process(["sync", folder], env)
+    assert again.exit_code != 0 and again.stdout == ""  # nothing left to send: refused, nothing sent
 
 
 # The journal, unit by unit ------------------------------------------------------------

@@ -7,9 +7,9 @@ import io
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from tests.servers import LookupBarrier, mlflow_server, pg_server  # noqa: F401  (fixtures)
+from tests.servers import LookupBarrier, cli_in_process, mlflow_server, pg_server  # noqa: F401  (fixtures)
 
 CLI_TIMEOUT = 600
 
@@ -37,18 +37,63 @@ def user_env(uri: str) -> dict[str, str]:
     return env | {"MLFLOW_TRACKING_URI": uri, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def start(args, uri: str, cwd: Path, log: Path) -> subprocess.Popen:
-    with open(log, "wb") as out:
-        return subprocess.Popen(clr_command() + [str(a) for a in args], cwd=cwd, env=user_env(uri), stdout=out,
-                                stderr=subprocess.STDOUT)
-
-
 def clr(args, uri: str, cwd: Path) -> str:
     """Run one clr-mlflow command to the end; fail with its output unless it exits 0."""
     out = subprocess.run(clr_command() + [str(a) for a in args], cwd=cwd, env=user_env(uri), capture_output=True,
                          text=True, timeout=CLI_TIMEOUT)
     assert out.returncode == 0, f"clr-mlflow {args[0]} exited {out.returncode}:\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}"
     return out.stdout
+
+
+def clr_here(args, uri: str) -> str:
+    """`clr` in this process (servers.cli_in_process), for the commands whose own process is
+    not the point (compare, reproduce): the same user environment, without a second of imports."""
+    import torch
+
+    env = {k: None for k in os.environ if k.startswith("MLFLOW_")} | {"MLFLOW_TRACKING_URI": uri}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(int(user_env(uri)["OMP_NUM_THREADS"]))  # the same arithmetic as the `run` process
+    try:
+        res = cli_in_process([str(a) for a in args], env)
+    finally:
+        torch.set_num_threads(threads)
+    assert res.exit_code == 0, f"clr-mlflow {args[0]} exited {res.exit_code}:\n{res.stdout[-3000:]}\n{res.stderr[-5000:]}"
+    return res.stdout
+
+
+# The eight range tests' processes: forked, all at once, from one process that has made the
+# imports a `clr-mlflow range-test` makes (seconds of CPU each: eight at once took a minute
+# of the test's time), each then running the console script's entry point (run_cli) with its
+# own argv, stdout and stderr in a log file of its own; one line "<log> <exit code>" a child.
+FORKER = """
+import json, os, sys, traceback
+import mlflow, mlflow.store.tracking.rest_store, pandas, torch, torchvision
+from clr_mlflow.app import cli, runner
+children = {}
+for log, args in json.loads(sys.argv[1]):
+    pid = os.fork()
+    if pid == 0:
+        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        sys.argv = ["clr-mlflow", *args]
+        code = 1
+        try:
+            cli.run_cli()
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    children[pid] = log
+for _ in children:
+    pid, status = os.wait()
+    print(children[pid], os.waitstatus_to_exitcode(status), flush=True)
+"""
 
 
 def history(client: MlflowClient, run_id: str, key: str):
@@ -131,7 +176,7 @@ def test_run_compare_reproduce_through_the_server(mlflow_server, client, cifar, 
     assert len(range_curve) == n_range
 
     # compare reads the experiment back from the server and logs its run there
-    out = clr(["compare", "--experiment", "team"], mlflow_server, tmp_path)
+    out = clr_here(["compare", "--experiment", "team"], mlflow_server)
     assert run_id[:8] in out
     compare_runs = [r for r in runs_of(client, "team") if r.data.tags.get("clr_mlflow.kind") == "compare"]
     assert len(compare_runs) == 1 and compare_runs[0].info.status == "FINISHED"
@@ -139,7 +184,7 @@ def test_run_compare_reproduce_through_the_server(mlflow_server, client, cifar, 
     assert len(board["data"]) == 1
 
     # reproduce: same params, new run in the same experiment, tagged with the original
-    out = clr(["reproduce", run_id], mlflow_server, tmp_path)
+    out = clr_here(["reproduce", run_id], mlflow_server)
     again = [r for r in runs_of(client, "team") if r.data.tags.get("clr_mlflow.reproduces") == run_id]
     assert len(again) == 1, out
     new = again[0]
@@ -155,21 +200,26 @@ def test_run_compare_reproduce_through_the_server(mlflow_server, client, cifar, 
 
 def test_eight_range_tests_at_once_lose_no_point(mlflow_server, client, cifar, data_dir, tmp_path):  # noqa: F811
     n, num_iters = 8, 40
-    procs = []
-    began = time.monotonic()
+    jobs = []
     for seed in range(n):
         args = ["range-test", "--data", cifar, "--data-dir", data_dir, "--limit-train", 400, "--limit-test", 50,
                 "--model", "small_cnn", "--batch-size", 32, "--num-iters", num_iters, "--lr-start", 1e-4,
                 "--lr-end", 1.0, "--diverge", 1e9, "--device", "cpu", "--seed", seed,
                 "--experiment", "swarm", "--run-name", f"seed{seed}"]
-        procs.append((seed, start(args, mlflow_server, tmp_path, tmp_path / f"seed{seed}.log")))
-    for seed, p in procs:
-        try:
-            rc = p.wait(timeout=max(1.0, CLI_TIMEOUT - (time.monotonic() - began)))
-        except subprocess.TimeoutExpired:
-            for _, q in procs:
-                q.kill()
-            raise
+        jobs.append((str(tmp_path / f"seed{seed}.log"), [str(a) for a in args]))
+    # eight processes at once, each its own MLflow client (FORKER: forked after the imports)
+    forker = subprocess.Popen([sys.executable, "-c", FORKER, json.dumps(jobs)], cwd=tmp_path,
+                              env=user_env(mlflow_server), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True)
+    try:
+        out, err = forker.communicate(timeout=CLI_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(forker.pid, signal.SIGKILL)  # the forker and its children: none outlives the test
+        raise
+    codes = dict(line.rsplit(" ", 1) for line in out.splitlines())
+    assert forker.returncode == 0 and len(codes) == n, (forker.returncode, out, err[-5000:])
+    for seed in range(n):
+        rc = int(codes[str(tmp_path / f"seed{seed}.log")])
         assert rc == 0, f"seed {seed} exited {rc}:\n{(tmp_path / f'seed{seed}.log').read_text()[-5000:]}"
 
     # each process names its run; look each one up by id, then check the experiment's listing
@@ -202,19 +252,36 @@ def test_processes_creating_one_new_experiment_at_once_all_land_in_it(mlflow_ser
     into it. MLflow's set_experiment returned to a loser without making the experiment
     active, so its run landed in Default (seen once in CI with eight range tests at once)."""
     n = 3
-    child = ("from clr_mlflow.tracking import runs as tracking\n"
-             "with tracking.active_run('raced') as run:\n"
-             "    print('landed', run.info.experiment_id, run.info.run_id)\n")
+    # n processes, forked after importing (seconds of CPU each) from one that prints their exit codes last
+    child = ("import os, sys, traceback\n"
+             "from clr_mlflow.tracking import runs as tracking\n"
+             "pids = []\n"
+             f"for _ in range({n}):\n"
+             "    pid = os.fork()\n"
+             "    if pid == 0:\n"
+             "        code = 1\n"
+             "        try:\n"
+             "            with tracking.active_run('raced') as run:\n"
+             "                print('landed', run.info.experiment_id, run.info.run_id, flush=True)\n"
+             "            code = 0\n"
+             "        except BaseException:\n"
+             "            traceback.print_exc()\n"
+             "        finally:\n"
+             "            sys.stderr.flush()\n"
+             "            os._exit(code)\n"
+             "    pids.append(pid)\n"
+             "print('codes', *[os.waitstatus_to_exitcode(os.waitpid(p, 0)[1]) for p in pids], flush=True)\n")
     with LookupBarrier(mlflow_server, n) as proxy:
-        procs = [subprocess.Popen([sys.executable, "-c", child], cwd=tmp_path, env=user_env(proxy.uri),
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(n)]
+        forker = subprocess.Popen([sys.executable, "-c", child], cwd=tmp_path, env=user_env(proxy.uri),
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
         try:
-            outs = [p.communicate(timeout=300) for p in procs]
-        finally:
-            for p in procs:
-                p.kill()  # one that hung must not outlive the test (no-op for those that exited)
-    assert [p.returncode for p in procs] == [0] * n, [err[-2000:] for _, err in outs]
+            out, err = forker.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            os.killpg(forker.pid, signal.SIGKILL)  # one that hung must not outlive the test
+            raise
+    assert forker.returncode == 0 and f"\ncodes {' '.join(['0'] * n)}\n" in "\n" + out, (out, err[-4000:])
     experiment = client.get_experiment_by_name("raced")
-    landed = [re.search(r"^landed (\S+) (\S+)$", out, re.M).groups() for out, _ in outs]
+    landed = [m.groups() for m in re.finditer(r"^landed (\S+) (\S+)$", out, re.M)]
+    assert len(landed) == n, (out, err[-4000:])
     assert [e for e, _ in landed] == [experiment.experiment_id] * n, (experiment.experiment_id, landed)
     assert {r.info.run_id for r in runs_of(client, "raced")} == {r for _, r in landed}

@@ -1,8 +1,9 @@
 """`tune_bounds` and `bounds_rule=tuned`: every rule's bounds trained briefly from the same
 start, the best on validation wins; and lr_find's warning when the chosen max_lr sits far
 above valley's. Real range tests and trainings (a small MLP on a separable problem, a small
-CNN on an image folder) into a real SQLite store. The Ray Tune path (scheduler="asha") is not
-run here: a local Ray and its workers take a minute on a 2-core machine."""
+CNN on an image folder) into a real SQLite store. The Ray Tune path runs once (use_ray=True,
+FIFO: ASHA's stops would depend on which trial reports first); a local Ray and its workers take
+about a minute on a 2-core machine."""
 import logging
 import random
 from pathlib import Path
@@ -161,6 +162,46 @@ def test_parent_and_a_child_per_candidate_in_the_store(tracking, loaders):
     assert len(curve) == len(tuned.range_test.lrs)
 
 
+def test_the_ray_path_picks_the_best_candidate_and_logs_parent_and_children(tracking, loaders):
+    """use_ray=True: each candidate is a Ray Tune trial (a local Ray, started and shut down by
+    tune_bounds). Its scores are the in-process path's (same seed, same data order), the winner
+    is the best of them, and the store holds the same parent run and a child per candidate."""
+    pytest.importorskip("ray.tune")
+    train, val = loaders
+    args = dict(rules=("valley", "loss_edge"), steps=16, num_iters=30, start_lr=1e-5, progress=False)
+    # the factories as closures: Ray's workers get them by value, not by importing this test module
+    build = lambda: nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 4))  # noqa: E731
+    optimize = lambda m: torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9)  # noqa: E731
+    tuned = clr_mlflow.tune_bounds(build, optimize, train, val, use_ray=True, max_concurrent=1, **args)
+    local = clr_mlflow.tune_bounds(build, optimize, train, val, use_ray=False, track=False, **args)
+
+    table, here = tuned.table.set_index("rule"), local.table.set_index("rule")
+    assert list(table.index) == ["valley", "loss_edge"] and (table["outcome"] == "finished").all()
+    assert table.loc["valley", "max_lr"] < table.loc["loss_edge", "max_lr"]  # two different candidates
+    np.testing.assert_allclose(table[["base_lr", "max_lr"]], here[["base_lr", "max_lr"]], rtol=1e-12)
+    # real accuracies, as the same training in this process scores them (within one of 256 samples:
+    # a Ray worker may run torch with another thread count)
+    assert table["metric"].between(0, 1).all()
+    np.testing.assert_allclose(table["metric"], here["metric"], atol=1.5 / 256)
+    assert tuned.metric == table["metric"].max() == table.loc[tuned.rule, "metric"]
+    assert table["selected"].sum() == 1 and table["selected"][tuned.rule]
+    assert tuned.suggest() == tuple(table.loc[tuned.rule, ["base_lr", "max_lr"]])
+
+    runs = mlflow.search_runs(search_all_experiments=True)
+    parent = runs[runs["run_id"] == tuned.run_id].iloc[0]
+    children = runs[runs["tags.mlflow.parentRunId"] == tuned.run_id]
+    assert parent["tags.clr_mlflow.kind"] == "tune" and parent["status"] == "FINISHED"
+    assert parent["params.tune.ray"] == "True" and parent["tags.tune.rule"] == tuned.rule
+    assert parent["metrics.tune/metric"] == tuned.metric
+    assert len(runs) == 3 and len(children) == 2 and (children["status"] == "FINISHED").all()
+    for _, child in children.iterrows():
+        row = table.loc[child["tags.bounds_rule"]]
+        assert child["run_id"] == row["run_id"] and child["metrics.tune/metric"] == row["metric"]
+        assert float(child["params.max_lr"]) == pytest.approx(row["max_lr"], rel=1e-12)
+    logged = mlflow.load_table("tune/candidates.json", run_ids=[tuned.run_id])
+    assert list(logged["rule"]) == ["valley", "loss_edge"]
+    np.testing.assert_allclose(logged["metric"], table["metric"], rtol=1e-9)
+
 BAD = [
     (dict(make_model=3), "make_model"), (dict(make_optimizer=None), "make_optimizer"), (dict(loader=5), "loader"),
     (dict(val_loader=None), "val_loader"), (dict(rules=[]), "rules"), (dict(rules=["valley", "nope"]), "rules"),
@@ -227,7 +268,7 @@ def test_over_seeds_the_note_reads_the_median_bounds(caplog):
     model = make_model()
     with caplog.at_level(logging.WARNING, logger="clr_mlflow"):
         result = clr_mlflow.lr_find(model, make_optimizer(model), loader, num_iters=100, start_lr=1e-5, seeds=3,
-                                    track=False, progress=False)
+                                    bounds_rule="loss_edge", track=False, progress=False)
     rows = result.bounds.set_index("rule")
     ratio = rows.loc["loss_edge", "max_lr"] / rows.loc["valley", "max_lr"]  # of the medians over 3 seeds
     noted = "disagrees with valley" in rows.loc["loss_edge", "note"]

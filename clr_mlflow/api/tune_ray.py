@@ -39,7 +39,8 @@ def on_ray(setup, keys: list[tuple], asha: bool, cpus: float, max_concurrent: in
             results = tune.Tuner(
                 tune.with_resources(tune.with_parameters(_trial, setup=setup, train_one=train_one), {"cpu": cpus}),
                 param_space={"key": tune.grid_search([list(k) for k in keys])},
-                tune_config=tune.TuneConfig(scheduler=stopper, max_concurrent_trials=max_concurrent),
+                tune_config=tune.TuneConfig(scheduler=stopper, max_concurrent_trials=max_concurrent,
+                                            reuse_actors=True),  # one process per slot, not per candidate
                 run_config=tune.RunConfig(name="tune_bounds", storage_path=storage, verbose=0)).fit()
         done = {}
         for r in results:

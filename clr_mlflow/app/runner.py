@@ -22,7 +22,7 @@ from clr_mlflow.tracking import history
 from clr_mlflow.core import plots
 from clr_mlflow.data import plugins
 from clr_mlflow.tracking import runs as tracking
-from clr_mlflow.app.config import COMMANDS, RANGE, TRAIN, TUNED, Config, ConfigError, validate
+from clr_mlflow.app.config import COMMANDS, RANGE, TRAIN, TUNED, Config, ConfigError, flush_seconds, validate
 from clr_mlflow.core.engine import NullSink, make_optimizer, pick_device, seed_everything, use_fast_kernels
 from clr_mlflow.api import tune, tune_record
 from clr_mlflow.api.finder import MIN_STEPS, lr_find
@@ -260,7 +260,7 @@ def _train_phase(cfg: Config, stepper: Stepper, model, loaders: Loaders, out: Ou
     momentum = (cfg.base_momentum, cfg.max_momentum) if cfg.cycle_momentum else None
     scheduler = ScheduleLR(stepper.optimizer, schedule, momentum)
     evaluator = classification_eval(stepper.device, stepper.amp)
-    logger = IterationLogger(out.run_id, log_every=cfg.log_every) if out.run_id \
+    logger = IterationLogger(out.run_id, log_every=cfg.log_every, flush_seconds=flush_seconds()) if out.run_id \
         else contextlib.nullcontext(NullSink())
     with logger as sink, tempfile.TemporaryDirectory(prefix="clr_mlflow-") as workdir:
         save = checkpoint_writer(out.run_id, out.bounds, Path(workdir), sink.flush) if out.run_id else None

@@ -294,7 +294,7 @@ class _Stage:
                            "final": {"bounds_rule": rule} if rule else {}}
 
     def run(self, specs: list[dict], word: str, scheduler=None) -> list[tuple]:
-        """(run id, outcome, error) per spec."""
+        """(run id, outcome, error) per spec; a worker process per slot, reused trial to trial."""
         if not specs:
             return []
         print(f"== {len(specs)} {word}{'s' if len(specs) > 1 else ''} on Ray Tune")
@@ -303,7 +303,7 @@ class _Stage:
             results = tune.Tuner(
                 tune.with_resources(run_trial, self.resources), param_space={"trial": tune.grid_search(specs)},
                 tune_config=tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=self.max_concurrent or None,
-                                            trial_name_creator=name, trial_dirname_creator=name),
+                                            trial_name_creator=name, trial_dirname_creator=name, reuse_actors=True),
                 run_config=tune.RunConfig(name="sweep", storage_path=storage, verbose=0,
                                           callbacks=[_progress(len(specs))])).fit()
         crashed = {r.config["trial"]["key"]: f"{type(r.error).__name__}: {r.error}" for r in results if r.error}
