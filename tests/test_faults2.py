@@ -19,7 +19,7 @@ from mlflow import MlflowClient
 from clr_mlflow.core import checkpoint
 from clr_mlflow.tracking import lease
 from tests.conftest import empty_store_file
-from tests.servers import free_port
+from tests.servers import cli_in_process, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 CLR_MLFLOW = str(Path(sys.executable).parent / "clr-mlflow")
@@ -36,13 +36,9 @@ def clr(*args, env, cwd=None, timeout=300, program=(CLR_MLFLOW,)):
 
 
 def in_process(*args, env) -> subprocess.CompletedProcess:
-    """`clr-mlflow ARGS` through click's CliRunner (no process start: seconds of imports), as
-    a CompletedProcess; for refusals, where a process is not the point."""
-    from click.testing import CliRunner
-
-    from clr_mlflow.app.cli import main
-
-    res = CliRunner().invoke(main, list(args), env=env)
+    """`clr-mlflow ARGS` in this process (servers.cli_in_process) as a CompletedProcess, for
+    refusals, where a process is not the point."""
+    res = cli_in_process(args, env)
     return subprocess.CompletedProcess(list(args), res.exit_code, res.stdout, res.stderr)
 
 
@@ -304,15 +300,11 @@ def test_every_reading_command_says_the_store_is_unreachable_and_creates_nothing
     missing = tmp_path / "missing"
     uri = f"http://127.0.0.1:{free_port()}" if kind == "closed port" else f"sqlite:///{missing / 'mlflow.db'}"
     needle = "did not answer within 10 s" if kind == "closed port" else "but there is no such file"
-    mlflow.set_tracking_uri(uri)  # in this process too: its commands run here (CliRunner)
-    try:
-        for args in (["compare", "--experiment", "x"], ["reproduce", HEX], ["resume", HEX]):
-            started = time.monotonic()
-            line = one_line_error(in_process(*args, env=clean_env(uri)))
-            assert needle in line and "existing run" not in line, line
-            assert time.monotonic() - started < 120  # seconds, not MLflow's minutes of retries
-    finally:
-        mlflow.set_tracking_uri(None)
+    for args in (["compare", "--experiment", "x"], ["reproduce", HEX], ["resume", HEX]):
+        started = time.monotonic()
+        line = one_line_error(in_process(*args, env=clean_env(uri)))
+        assert needle in line and "existing run" not in line, line
+        assert time.monotonic() - started < 120  # seconds, not MLflow's minutes of retries
     assert not missing.exists()  # no folder, no SQLite file made for it
 
 
