@@ -32,6 +32,21 @@ def pytest_xdist_auto_num_workers(config):
     return min(4, _cores() + 1)
 
 
+# Modules by how long their tests take (--durations, summed), heaviest first. pytest-xdist
+# hands whole modules out in collection order (pyproject: loadfile, no reorder): started
+# first, the long ones overlap the many short ones instead of running alone at the end while
+# the other workers wait. A module not named here goes after these, in its usual order.
+HEAVIEST_FIRST = ("test_faults.py", "test_outages.py", "test_sweep.py", "test_project.py", "test_faults2.py",
+                  "test_cli_output.py", "test_server.py", "test_spool_trust.py", "test_engine.py", "test_plugins.py",
+                  "test_review.py", "test_integrations.py", "test_full_disk.py", "test_integration.py", "test_api.py",
+                  "test_distributed.py", "test_tune.py", "test_seeds.py", "test_docstrings.py", "test_embedding.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(HEAVIEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each module keeps its order
+
+
 def pytest_configure(config):
     """Torch threads in each process that runs tests; child processes (the CLI, `mlflow
     run`, Ray's workers, torchrun) inherit OMP_NUM_THREADS. A value the user set wins."""
@@ -39,6 +54,9 @@ def pytest_configure(config):
         return  # pytest-xdist's controller runs no test: each worker sets its own
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(var, str(_threads_per_process()))
+    # Ray trials at the tests' priority (the CLI's sweep does the same; tune_bounds, a library
+    # call, leaves Ray's nice 15, under which the other workers' tests starve them for minutes)
+    os.environ.setdefault("RAY_worker_niceness", "0")
     import torch
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))

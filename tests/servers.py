@@ -14,7 +14,8 @@ The pytest fixtures `pg_server` and `mlflow_server` (session-scoped) wrap them;
 `shared_sqlite_server()` is one `mlflow server` on a SQLite file for the whole test process
 (test_outages.py and test_full_disk.py share it, each test in experiments of its own).
 `cli_in_process` runs a `clr-mlflow` command in this process (click's CliRunner), for the
-commands whose own process is not what a test is about.
+commands whose own process is not what a test is about; `forked_clis` runs several at once,
+each in a process of its own forked after the imports.
 """
 from __future__ import annotations
 
@@ -432,3 +433,58 @@ def cli_in_process(args, env: dict[str, str]):
         os.environ.update(saved_env)
         mlflow.set_tracking_uri(saved_uri)
         mlflow.tracking.fluent._active_experiment_id = saved_experiment
+
+
+# `clr-mlflow` processes forked, all at once, from one that has made the imports a command
+# makes (seconds of CPU a process: eight started apart took a minute of a test's time), each
+# then running the console script's entry point (run_cli) with its own argv, its stdout and
+# stderr in a log file of its own; the forker prints one line "<log> <exit code>" a child.
+_FORKER = """
+import json, os, sys, traceback
+import mlflow, mlflow.store.tracking.rest_store, pandas, torch
+from clr_mlflow.app import cli, runner
+children = {}
+for log, args in json.loads(sys.argv[1]):
+    pid = os.fork()
+    if pid == 0:
+        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        sys.argv = ["clr-mlflow", *args]
+        code = 1
+        try:
+            cli.run_cli()
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    children[pid] = log
+for _ in children:
+    pid, status = os.wait()
+    print(children[pid], os.waitstatus_to_exitcode(status), flush=True)
+"""
+
+
+def forked_clis(jobs: list[tuple[str, list[str]]], env: dict[str, str], cwd: Path, timeout: float) -> dict[str, int]:
+    """Run `clr-mlflow ARGS` for each (log file, ARGS) of `jobs` in processes of their own,
+    started at once (forked after the imports, see _FORKER); their exit codes by log file.
+    None of them outlives the call: on timeout the whole group is killed."""
+    import json
+
+    forker = subprocess.Popen([sys.executable, "-c", _FORKER, json.dumps([(str(log), [str(a) for a in args])
+                                                                           for log, args in jobs])],
+                              cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True)
+    try:
+        out, err = forker.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(forker.pid, signal.SIGKILL)  # the forker and its children
+        raise
+    codes = {log: int(code) for log, code in (line.rsplit(" ", 1) for line in out.splitlines())}
+    assert forker.returncode == 0 and len(codes) == len(jobs), (forker.returncode, out, err[-5000:])
+    return codes

@@ -17,11 +17,8 @@ from clr_mlflow.app.config import Config
 from clr_mlflow.app.runner import execute
 from tests.conftest import REPO, use_store
 
-SMALL = dict(limit_train=640, limit_test=64, batch_size=32, device="cpu")
+SMALL = dict(limit_train=640, limit_test=64, batch_size=32, image_size=16, device="cpu")
 PROGRESS = ("Downloading artifacts",)  # MLflow's tqdm bar (our own loops have bars of their own)
-
-# One xdist worker runs this module: its tests share the module's store of runs.
-pytestmark = pytest.mark.xdist_group("cli_output")
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +94,8 @@ def test_compare_leaderboard_output_and_where_to_look(store):
 
 def test_range_test_prints_where_to_look_before_its_summary(store):
     res = clr(store, "range-test", "--data", str(store["cifar"]), "--data-dir", str(store["data_dir"]),
-              "--limit-train", "640", "--limit-test", "64", "--batch-size", "32", "--device", "cpu",
+              "--limit-train", "640", "--limit-test", "64", "--batch-size", "32",
+              "--image-size", "16", "--device", "cpu",
               "--num-iters", "12", "--lr-start", "1e-4", "--lr-end", "1", "--experiment", "where")
     assert res.returncode == 0, res.stderr[-2000:]
     lines = res.stdout.strip().splitlines()

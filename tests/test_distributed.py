@@ -24,7 +24,7 @@ def test_two_processes_make_one_run_with_identical_weights(tracking, cifar, data
     env.pop("MLFLOW_RUN_ID", None)
     cmd = [TORCHRUN, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
            "-m", "clr_mlflow", "run", "--data", str(cifar), "--data-dir", str(data_dir), "--limit-train", "1200",
-           "--limit-test", "64", "--batch-size", "16", "--num-iters", "60", "--lr-start", "1e-4",
+           "--limit-test", "64", "--batch-size", "16", "--image-size", "16", "--num-iters", "60", "--lr-start", "1e-4",
            "--bounds-rule", "loss_edge", "--iterations", "20", "--step-size", "5", "--device", "cpu",
            "--experiment", "ddp", "--system-metrics", "false"]
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)

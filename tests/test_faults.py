@@ -20,6 +20,7 @@ from clr_mlflow.app.cli import main
 from clr_mlflow.core import checkpoint
 from clr_mlflow.tracking import spool
 from tests.conftest import empty_store_file
+from tests.servers import forked_clis
 
 REPO = Path(__file__).resolve().parents[1]
 CLR_MLFLOW = str(Path(sys.executable).parent / "clr-mlflow")
@@ -234,7 +235,8 @@ def test_unnamed_runs_with_the_same_seed_get_different_names_and_training_record
         store_env, cifar, data_dir):
     # system metrics sampled every 0.2 s below: a few samples in a short run
     args = ["train", "--data", str(cifar), "--data-dir", str(data_dir), "--limit-train", "400", "--limit-test", "64",
-            "--batch-size", "32", "--base-lr", "0.01", "--max-lr", "0.1", "--iterations", "60", "--step-size", "10",
+            "--batch-size", "32", "--image-size", "16",
+            "--base-lr", "0.01", "--max-lr", "0.1", "--iterations", "60", "--step-size", "10",
             "--device", "cpu", "--experiment", "names", "--save-model", "false"]
     for _ in range(2):  # in-process (CliRunner): what is checked is the runs, not a process
         res = CliRunner().invoke(main, args, env={"MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "0.2"})
@@ -251,12 +253,13 @@ def test_three_processes_on_a_fresh_sqlite_file_all_finish(tmp_path, cifar, data
     env = dict(os.environ, MLFLOW_TRACKING_URI=uri, OMP_NUM_THREADS="1")
     env.pop("MLFLOW_RUN_ID", None)
     args = ["train", "--data", str(cifar), "--data-dir", str(data_dir), "--limit-train", "400", "--limit-test", "64",
-            "--batch-size", "32", "--base-lr", "0.01", "--max-lr", "0.1", "--iterations", "4", "--step-size", "2",
+            "--batch-size", "32", "--image-size", "16",
+            "--base-lr", "0.01", "--max-lr", "0.1", "--iterations", "4", "--step-size", "2",
             "--device", "cpu", "--experiment", "together", "--save-model", "false", "--system-metrics", "false"]
-    procs = [subprocess.Popen([CLR_MLFLOW, *args, "--seed", str(k)], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for k in range(3)]
-    results = [(p.wait(timeout=600), p.stderr.read()) for p in procs]
-    assert [code for code, _ in results] == [0] * 3, [err[-1500:] for code, err in results if code]
+    # forked after the imports, before any of them opens the store
+    logs = [tmp_path / f"seed{k}.log" for k in range(3)]
+    codes = forked_clis([(log, [*args, "--seed", str(k)]) for k, log in enumerate(logs)], env, tmp_path, 600)
+    assert [codes[str(log)] for log in logs] == [0] * 3, [log.read_text()[-1500:] for log in logs]
     mlflow.set_tracking_uri(uri)
     runs = mlflow.search_runs(experiment_names=["together"])
     assert len(runs) == 3 and set(runs["status"]) == {"FINISHED"}

@@ -17,9 +17,6 @@ from clr_mlflow.app.runner import execute
 from clr_mlflow.core.schedules import make_schedule
 from tests.conftest import use_store
 
-# One xdist worker runs this module: its tests share the module's store and range test.
-pytestmark = pytest.mark.xdist_group("integration")
-
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):

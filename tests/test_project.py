@@ -92,8 +92,8 @@ def mlflow_run(entry, params, env):
 
 @pytest.mark.parametrize("entry", ["range_test", "main"])
 def test_mlflow_run_end_to_end(store_env, cifar, data_dir, entry):
-    small = dict(data=cifar, data_dir=data_dir, limit_train=512, limit_test=100, batch_size=32, num_iters=40,
-                 lr_start=1e-4, lr_end=10, device="cpu")
+    small = dict(data=cifar, data_dir=data_dir, limit_train=512, limit_test=100, batch_size=32, image_size=16,
+                 num_iters=40, lr_start=1e-4, lr_end=10, device="cpu")
     if entry == "main":
         small |= dict(step_size=4, cycles=1, policy="triangular2", bounds_rule="min_div10")
     res = mlflow_run(entry, small, store_env)
@@ -147,7 +147,8 @@ def test_sweep_script_trains_every_policy_and_compares(store_env, cifar, data_di
 
 def test_cli_range_test_then_reproduce_and_compare(store_env, cifar, data_dir):
     args = ["--data", str(cifar), "--data-dir", str(data_dir), "--limit-train", "400", "--limit-test", "64",
-            "--batch-size", "32", "--num-iters", "12", "--lr-start", "1e-4", "--lr-end", "1", "--experiment", "cli"]
+            "--batch-size", "32", "--image-size", "16",
+            "--num-iters", "12", "--lr-start", "1e-4", "--lr-end", "1", "--experiment", "cli"]
     first = cli("range-test", *args, env=store_env)
     assert first.returncode == 0, first.stderr[-2000:]
     run_id = first.stdout.strip().splitlines()[-1].split()[1]

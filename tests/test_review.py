@@ -17,9 +17,6 @@ from tests.conftest import use_store
 
 EXP = "review"
 
-# One xdist worker runs this module: its tests share the module's store of runs.
-pytestmark = pytest.mark.xdist_group("review")
-
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, cifar):
@@ -27,7 +24,7 @@ def runs(tmp_path_factory, cifar):
     use_store(mp, tmp_path_factory.mktemp("review"))
     data_dir = tmp_path_factory.mktemp("review_data")
     base = dict(data=str(cifar), data_dir=str(data_dir), limit_train=640, limit_test=100, batch_size=32,
-                device="cpu", experiment=EXP, save_model=False)
+                image_size=16, device="cpu", experiment=EXP, save_model=False)
     out = {"range": execute(Config(**base, num_iters=30, lr_start=1e-4, lr_end=1.0), "range-test")}
     for policy in ("fixed", "triangular", "one_cycle"):
         out[policy] = execute(Config(**base, policy=policy, base_lr=0.02, max_lr=0.2, step_size=5, cycles=2), "train")

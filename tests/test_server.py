@@ -17,12 +17,9 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from tests.servers import LookupBarrier, cli_in_process, mlflow_server, pg_server  # noqa: F401  (fixtures)
+from tests.servers import LookupBarrier, cli_in_process, forked_clis, mlflow_server, pg_server  # noqa: F401  (fixtures)
 
 CLI_TIMEOUT = 600
-
-# One xdist worker runs this module: its tests share one PostgreSQL and `mlflow server` (session fixtures).
-pytestmark = pytest.mark.xdist_group("postgres_server")
 
 
 def clr_command() -> list[str]:
@@ -59,41 +56,6 @@ def clr_here(args, uri: str) -> str:
         torch.set_num_threads(threads)
     assert res.exit_code == 0, f"clr-mlflow {args[0]} exited {res.exit_code}:\n{res.stdout[-3000:]}\n{res.stderr[-5000:]}"
     return res.stdout
-
-
-# The eight range tests' processes: forked, all at once, from one process that has made the
-# imports a `clr-mlflow range-test` makes (seconds of CPU each: eight at once took a minute
-# of the test's time), each then running the console script's entry point (run_cli) with its
-# own argv, stdout and stderr in a log file of its own; one line "<log> <exit code>" a child.
-FORKER = """
-import json, os, sys, traceback
-import mlflow, mlflow.store.tracking.rest_store, pandas, torch, torchvision
-from clr_mlflow.app import cli, runner
-children = {}
-for log, args in json.loads(sys.argv[1]):
-    pid = os.fork()
-    if pid == 0:
-        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.dup2(fd, 1)
-        os.dup2(fd, 2)
-        sys.argv = ["clr-mlflow", *args]
-        code = 1
-        try:
-            cli.run_cli()
-            code = 0
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
-    children[pid] = log
-for _ in children:
-    pid, status = os.wait()
-    print(children[pid], os.waitstatus_to_exitcode(status), flush=True)
-"""
 
 
 def history(client: MlflowClient, run_id: str, key: str):
@@ -135,7 +97,8 @@ def test_run_compare_reproduce_through_the_server(mlflow_server, client, cifar, 
     iterations = 40
     out = clr(["run", "--data", cifar, "--data-dir", data_dir, "--limit-train", 1000, "--limit-test", 200,
                "--num-iters", 30, "--iterations", iterations, "--step-size", 10, "--model", "small_cnn",
-               "--batch-size", 64, "--device", "cpu", "--seed", 0, "--experiment", "team"], mlflow_server, tmp_path)
+               "--batch-size", 64, "--image-size", 16, "--device", "cpu", "--seed", 0, "--experiment", "team"],
+              mlflow_server, tmp_path)
     runs = runs_of(client, "team")
     assert len(runs) == 1, [r.info.run_id for r in runs]
     run = runs[0]
@@ -203,23 +166,15 @@ def test_eight_range_tests_at_once_lose_no_point(mlflow_server, client, cifar, d
     jobs = []
     for seed in range(n):
         args = ["range-test", "--data", cifar, "--data-dir", data_dir, "--limit-train", 400, "--limit-test", 50,
-                "--model", "small_cnn", "--batch-size", 32, "--num-iters", num_iters, "--lr-start", 1e-4,
-                "--lr-end", 1.0, "--diverge", 1e9, "--device", "cpu", "--seed", seed,
+                "--model", "small_cnn", "--batch-size", 32, "--image-size", 16,
+                "--num-iters", num_iters, "--lr-start", 1e-4, "--lr-end", 1.0, "--diverge", 1e9, "--device", "cpu",
+                "--seed", seed,
                 "--experiment", "swarm", "--run-name", f"seed{seed}"]
         jobs.append((str(tmp_path / f"seed{seed}.log"), [str(a) for a in args]))
-    # eight processes at once, each its own MLflow client (FORKER: forked after the imports)
-    forker = subprocess.Popen([sys.executable, "-c", FORKER, json.dumps(jobs)], cwd=tmp_path,
-                              env=user_env(mlflow_server), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              start_new_session=True)
-    try:
-        out, err = forker.communicate(timeout=CLI_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(forker.pid, signal.SIGKILL)  # the forker and its children: none outlives the test
-        raise
-    codes = dict(line.rsplit(" ", 1) for line in out.splitlines())
-    assert forker.returncode == 0 and len(codes) == n, (forker.returncode, out, err[-5000:])
+    # eight processes at once, each its own MLflow client (forked after the imports)
+    codes = forked_clis(jobs, user_env(mlflow_server), tmp_path, CLI_TIMEOUT)
     for seed in range(n):
-        rc = int(codes[str(tmp_path / f"seed{seed}.log")])
+        rc = codes[str(tmp_path / f"seed{seed}.log")]
         assert rc == 0, f"seed {seed} exited {rc}:\n{(tmp_path / f'seed{seed}.log').read_text()[-5000:]}"
 
     # each process names its run; look each one up by id, then check the experiment's listing
@@ -272,7 +227,9 @@ def test_processes_creating_one_new_experiment_at_once_all_land_in_it(mlflow_ser
              "    pids.append(pid)\n"
              "print('codes', *[os.waitstatus_to_exitcode(os.waitpid(p, 0)[1]) for p in pids], flush=True)\n")
     with LookupBarrier(mlflow_server, n) as proxy:
-        forker = subprocess.Popen([sys.executable, "-c", child], cwd=tmp_path, env=user_env(proxy.uri),
+        # MLflow's "View run" lines, written by three processes into one pipe, must not split a "landed" line
+        env = {**user_env(proxy.uri), "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
+        forker = subprocess.Popen([sys.executable, "-c", child], cwd=tmp_path, env=env,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
         try:
             out, err = forker.communicate(timeout=300)
@@ -281,7 +238,7 @@ def test_processes_creating_one_new_experiment_at_once_all_land_in_it(mlflow_ser
             raise
     assert forker.returncode == 0 and f"\ncodes {' '.join(['0'] * n)}\n" in "\n" + out, (out, err[-4000:])
     experiment = client.get_experiment_by_name("raced")
-    landed = [m.groups() for m in re.finditer(r"^landed (\S+) (\S+)$", out, re.M)]
+    landed = [m.groups() for m in re.finditer(r"landed (\d+) ([0-9a-f]{32})", out)]
     assert len(landed) == n, (out, err[-4000:])
     assert [e for e, _ in landed] == [experiment.experiment_id] * n, (experiment.experiment_id, landed)
     assert {r.info.run_id for r in runs_of(client, "raced")} == {r for _, r in landed}

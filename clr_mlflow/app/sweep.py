@@ -259,6 +259,7 @@ def _start_ray(ray, address: str | None) -> bool:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's older reporter, which verbose=0 quiets
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")  # trials stay in our directory (and chdir there)
     os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")  # Ctrl-C stops the sweep (parent KILLED), not a stage
+    os.environ.setdefault("RAY_worker_niceness", "0")  # trials, all our work, not niced to 15 (starved when busy)
     if ray.is_initialized():
         return False
     why = _answers(address) if address else None
@@ -339,8 +340,7 @@ def _progress(total: int):
     from ray.tune.progress_reporter import TrialProgressCallback
 
     class Progress(TrialProgressCallback):
-        def on_trial_result(self, *args, **kwargs):
-            pass
+        def on_trial_result(self, *args, **kwargs): return  # noqa: E704 - no table per result
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             ended.append(trial)
