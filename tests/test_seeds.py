@@ -111,7 +111,7 @@ def test_batched_small_cnn_with_batchnorm_on_cifar_batches(cifar, data_dir):
     from clr_mlflow.core.engine import make_optimizer, seed_everything
     from clr_mlflow.data.models import small_cnn
 
-    ds = data.load(str(cifar), data_dir, limit_train=640, limit_test=100, seed=0)
+    ds = data.load(str(cifar), data_dir, limit_train=640, limit_test=100, image_size=16, seed=0)
     mean, std = channel_stats(ds.train)
 
     def setup():
