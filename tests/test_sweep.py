@@ -1,6 +1,7 @@
 """`clr-mlflow sweep`: real Ray Tune sweeps (a local Ray started by the sweep) on CIFAR-10
 images into a real SQLite store, read back with MlflowClient."""
 import importlib.util
+import os
 import subprocess
 import sys
 from dataclasses import replace
@@ -12,7 +13,8 @@ from mlflow import MlflowClient
 
 from clr_mlflow.app.config import Config, ConfigError
 from clr_mlflow.app.cli import sweep_cmd
-from clr_mlflow.app.sweep import INSTALL, parse_grid, sweep
+from clr_mlflow.app.ray_cluster import INSTALL, RAY_ENV
+from clr_mlflow.app.sweep import parse_grid, sweep
 
 needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason='needs pip install "clr_mlflow[sweep]"')
 
@@ -35,7 +37,9 @@ def sweep_runs(experiment):
 @needs_ray
 def test_two_seeds_two_rules_under_one_parent(base):
     # One policy: the policy axis is a plain product (test_project's sweep script trains two)
+    ours = {name: os.environ.get(name) for name in RAY_ENV}
     result = sweep(base, {}, ["triangular"], ["min_div10", "loss_edge"], [0, 1])
+    assert {name: os.environ.get(name) for name in RAY_ENV} == ours  # set for the sweep's duration only
     parent, children = sweep_runs("sw")
     assert parent["run_id"] == result.run_id and parent["status"] == "FINISHED"
     assert parent["params.policies"] == "triangular" and parent["params.seeds"] == "0,1"

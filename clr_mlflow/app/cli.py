@@ -334,7 +334,8 @@ def sweep_cmd(policies, bounds_rules, seed_list, grid, ray_address, cpus_per_tri
     import pandas as pd
 
     from clr_mlflow.core.compare import display_board
-    from clr_mlflow.app.sweep import SweepError, parse_grid, ray_modules, sweep
+    from clr_mlflow.app.ray_cluster import SweepError, ray_modules
+    from clr_mlflow.app.sweep import parse_grid, sweep
 
     with guarded():
         try:

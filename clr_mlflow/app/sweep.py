@@ -9,9 +9,7 @@ with known bounds (base_lr/max_lr, bounds_from, a preset) train without a range 
 from __future__ import annotations
 
 import itertools
-import logging
 import os
-import socket
 import tempfile
 import time
 import typing
@@ -25,24 +23,10 @@ from clr_mlflow.data import plugins
 from clr_mlflow.app.args import MAX_TRIALS, plural
 from clr_mlflow.app.config import COMMANDS, RANGE, Config, ConfigError, validate
 from clr_mlflow.app.presets import apply_preset
+from clr_mlflow.app.ray_cluster import SweepError, check_resources, ray_modules, ray_settings, start_ray
 from clr_mlflow.app.sweep_trial import ERROR, METRIC, OUTCOME, PARENT, SETTING, TRIAL, close_runs, run_trial
 
-INSTALL = 'pip install "clr_mlflow[sweep]"'
 LISTED = {"policy": "--policies", "bounds_rule": "--bounds-rules", "seed": "--seeds"}  # the sweep's own lists
-
-
-class SweepError(RuntimeError):
-    """The sweep cannot start: Ray is missing, its cluster unreachable or too small."""
-
-
-def ray_modules():
-    """(ray, ray.tune), or SweepError saying how to install them."""
-    try:
-        import ray
-        from ray import tune
-    except ImportError:
-        raise SweepError(f"Expected Ray Tune for sweeps, but it is not installed: {INSTALL}") from None
-    return ray, tune
 
 
 def parse_grid(items) -> dict[str, list]:
@@ -140,11 +124,18 @@ def sweep(base: Config, grid: dict[str, list], policies: list[str], bounds_rules
     combos = settings(base, grid, policies, rules, seeds)
     if (n := count_trials(base, combos, grid, policies, rules)) > max_trials:
         _too_many(n, max_trials)
+    with ray_settings():
+        return _sweep(ray, tune, base, grid, policies, rules, seeds, combos, ray_address, cpus_per_trial,
+                      gpus_per_trial, max_concurrent, early_stop, t0)
+
+
+def _sweep(ray, tune, base, grid, policies, rules, seeds, combos, ray_address, cpus_per_trial, gpus_per_trial,
+           max_concurrent, early_stop, t0) -> SweepResult:
     from clr_mlflow.tracking import history, runs as tracking
 
-    started = _start_ray(ray, ray_address)
+    started = start_ray(ray, ray_address)
     try:
-        _check_resources(ray, cpus_per_trial, gpus_per_trial)
+        check_resources(ray, cpus_per_trial, gpus_per_trial)
         tags = tracking.provenance_tags(base.device) | {"clr_mlflow.kind": "sweep", "clr_mlflow.command": "sweep"}
         # This also makes the store's schema and the experiment before trials write at once.
         with tracking.active_run(base.experiment, base.run_name or "sweep", tags) as parent:
@@ -229,52 +220,6 @@ def _bounds(cfg: Config, rule: str, first: str, range_run: tuple, tables: pd.Dat
         return cfg, {}, f"bounds_rule {rule} found no bounds on range test run {run_id}: {note}"
     return (replace(cfg, base_lr=float(row["base_lr"].iloc[0]), max_lr=float(row["max_lr"].iloc[0])),
             {"bounds_source": f"run:{run_id} rule:{rule}"}, "")
-
-
-def _answers(address: str, timeout: float = 5.0) -> str | None:
-    """Why nothing answers at a Ray `address` (`host:port`, `ray://host:port`), or None;
-    None also for `auto` and addresses without a port, left to Ray. ray.init retries an
-    address nothing listens at for minutes."""
-    host, sep, port = address.removeprefix("ray://").rpartition(":")
-    if not sep or not port.isdigit():
-        return None
-    try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
-    except OSError as e:
-        return f"{type(e).__name__}: {e.strerror or e}"
-    return None
-
-
-def _check_resources(ray, cpus: float, gpus: float) -> None:
-    have = ray.cluster_resources()
-    for name, want in (("CPU", cpus), ("GPU", gpus)):
-        if want > have.get(name, 0):
-            flag = f"--{name.lower()}s-per-trial"
-            raise SweepError(f"Expected {flag} to fit the Ray cluster, which has {have.get(name, 0):g} {name}s in all, "
-                             f"but got {want:g}: no trial could ever start")
-
-
-def _start_ray(ray, address: str | None) -> bool:
-    """Connect to `address`, or start a local Ray here; True when this call started it."""
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's older reporter, which verbose=0 quiets
-    os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")  # trials stay in our directory (and chdir there)
-    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")  # Ctrl-C stops the sweep (parent KILLED), not a stage
-    os.environ.setdefault("RAY_worker_niceness", "0")  # trials, all our work, not niced to 15 (starved when busy)
-    if ray.is_initialized():
-        return False
-    why = _answers(address) if address else None
-    if why:
-        raise SweepError(f"Expected --ray-address {address} to be a running Ray cluster, but nothing answers there "
-                         f"({why})")
-    quiet = dict(logging_level=logging.WARNING, log_to_driver=False)  # what a trial says is in its run
-    try:
-        if address:
-            ray.init(address=address, **quiet)
-        else:
-            ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, **quiet)
-    except (ConnectionError, RuntimeError, ValueError) as e:
-        raise SweepError(f"Expected to reach Ray at {address or 'a local cluster'}, but: {e}") from None
-    return True
 
 
 class _Stage:
