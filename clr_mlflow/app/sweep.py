@@ -285,7 +285,8 @@ def _progress(total: int):
     from ray.tune.progress_reporter import TrialProgressCallback
 
     class Progress(TrialProgressCallback):
-        def on_trial_result(self, *args, **kwargs): return  # noqa: E704 - no table per result
+        def on_trial_result(self, *args, **kwargs):  # no table per result
+            pass
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             ended.append(trial)
